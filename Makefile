@@ -1,0 +1,48 @@
+# dicombridge: the commands a newcomer and CI need. See README.md.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+APT_PACKAGES := rabbitmq-server dcmtk orthanc
+
+.PHONY: help deps venv lint typecheck test test-unit test-integration demo clean
+
+help:
+	@echo "make demo   set up what is missing and show a DICOM file crossing the bridge"
+	@echo "make test   lint, type-check and run every test (real RabbitMQ, DCMTK, Orthanc)"
+
+# Debian packages the tests and the demo run for real (needs root or sudo).
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+$(BIN)/dicombridge: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(BIN)/dicombridge
+
+lint: venv
+	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests
+
+typecheck: venv
+	$(BIN)/mypy
+
+test: deps venv lint typecheck
+	$(BIN)/pytest
+
+test-unit: venv
+	$(BIN)/pytest -m "not integration"
+
+demo: deps venv
+	$(BIN)/python -m dicombridge.demo
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,161 @@
+"""The ``dicombridge`` command: the only place that prints or configures logging.
+
+Every command reports a ``BridgeError`` as one line naming the file, the field and the
+fix, and exits with status 2; it never prints a traceback at an operator.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dicombridge import config as site_config
+from dicombridge import identity
+from dicombridge.errors import BridgeError
+from dicombridge.keys import SiteKeys
+from dicombridge.operator import OperatorWorkspace
+
+app = typer.Typer(
+    name="dicombridge",
+    help="A DICOM bridge between hospitals through an end-to-end encrypted RabbitMQ tenant.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+keys_app = typer.Typer(help="This site's keys.", no_args_is_help=True)
+operator_app = typer.Typer(
+    help="The federation operator's key and workspace.", no_args_is_help=True
+)
+directory_app = typer.Typer(
+    help="Edit and sign the federation directory (operator).", no_args_is_help=True
+)
+app.add_typer(keys_app, name="keys")
+app.add_typer(operator_app, name="operator")
+app.add_typer(directory_app, name="directory")
+
+ConfigOption = Annotated[
+    Path,
+    typer.Option("--config", "-c", help="The site's gateway.toml.", envvar="DICOMBRIDGE_CONFIG"),
+]
+OperatorDirOption = Annotated[
+    Path,
+    typer.Option("--dir", help="The operator workspace.", envvar="DICOMBRIDGE_OPERATOR_DIR"),
+]
+
+
+def _out(text: str) -> None:
+    typer.echo(text)
+
+
+@app.command()
+def init(
+    site: Annotated[str, typer.Option(help="This site's id, a lowercase slug such as hosp-a.")],
+    directory: Annotated[Path, typer.Option("--dir", help="Where to create the site.")] = Path(),
+    broker_url: Annotated[
+        str | None,
+        typer.Option(help="amqps://USER@HOST:PORT/VHOST (default: user = site id)."),
+    ] = None,
+    operator_key: Annotated[
+        str, typer.Option(help="The operator's public key (`dicombridge operator key`).")
+    ] = "",
+) -> None:
+    """Create a site: HPKE and Ed25519 key pairs (mode 0600) and a commented gateway.toml."""
+    url = broker_url or f"amqps://{site}@broker.example.org:5671/dicombridge"
+    config_path = identity.init_site(
+        directory, site_id=site, broker_url=url, operator_key=operator_key
+    )
+    keys = SiteKeys.load(directory / "keys")
+    _out(f"site {site} initialised: {config_path}")
+    _out(f"  KEM key     {keys.kem_keys[0].key_id}  (ML-KEM-768 + X25519, for receiving)")
+    _out(f"  signing key {keys.signing_keys[0].key_id}  (Ed25519)")
+    _out("next: edit [broker] and [directory] in gateway.toml, then send the output of")
+    _out(f"  dicombridge keys export --config {config_path}")
+    _out("to the federation operator.")
+
+
+@keys_app.command("export")
+def keys_export(config: ConfigOption = Path("gateway.toml")) -> None:
+    """Print this site's public keys and broker user, for the federation operator."""
+    cfg = site_config.load(config)
+    _out(identity.export_json(identity.export_public(cfg, SiteKeys.load(cfg.keys.dir))).rstrip())
+
+
+@operator_app.command("init")
+def operator_init(
+    directory: OperatorDirOption,
+    federation: Annotated[str, typer.Option(help="The federation's name.")] = "dicombridge",
+) -> None:
+    """Create the operator's signing key and an empty directory draft."""
+    workspace = OperatorWorkspace.init(directory, federation=federation)
+    _out(f"operator workspace created: {workspace.root}")
+    _out(f"operator key: {workspace.public_key_b64()}")
+    _out("give this key to every site ([directory] operator_key in gateway.toml).")
+
+
+@operator_app.command("key")
+def operator_key(directory: OperatorDirOption) -> None:
+    """Print the operator's public key, which sites pin in their config."""
+    _out(OperatorWorkspace(directory).public_key_b64())
+
+
+@directory_app.command("add-site")
+def directory_add_site(
+    export: Annotated[Path, typer.Argument(help="A file written by `dicombridge keys export`.")],
+    directory: OperatorDirOption,
+) -> None:
+    """Add a site's public keys to the draft (replacing its earlier entry)."""
+    entry = OperatorWorkspace(directory).add_site(export)
+    _out(f"site {entry.id} in the draft; run `dicombridge directory sign` to publish it")
+
+
+@directory_app.command("remove-site")
+def directory_remove_site(
+    site: Annotated[str, typer.Argument(help="The site id to remove.")],
+    directory: OperatorDirOption,
+) -> None:
+    """Remove a site from the draft."""
+    OperatorWorkspace(directory).remove_site(site)
+    _out(f"site {site} removed from the draft; run `dicombridge directory sign` to publish it")
+
+
+@directory_app.command("sign")
+def directory_sign(directory: OperatorDirOption) -> None:
+    """Sign the draft with a new, higher version and write directory.json."""
+    workspace = OperatorWorkspace(directory)
+    signed = workspace.sign()
+    _out(
+        f"signed version {signed.version} with {len(signed.sites)} site(s): "
+        f"{workspace.root / 'directory.json'}"
+    )
+
+
+@directory_app.command("show")
+def directory_show(
+    config: ConfigOption = Path("gateway.toml"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Verify this site's directory against the pinned operator key and list its sites."""
+    cfg = site_config.load(config)
+    signed = identity.load_directory(cfg)
+    if as_json:
+        _out(json.dumps(signed.body.model_dump(mode="json"), indent=2))
+        return
+    _out(f"federation {signed.body.federation}, version {signed.version}, {signed.body.issued_at}")
+    for entry in signed.sites:
+        kem = ", ".join(k.key_id[:12] for k in entry.kem_keys)
+        _out(f"  {entry.id:<20} user {entry.broker_user:<20} kem {kem}")
+
+
+def main() -> None:
+    """Entry point of the console script."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except BridgeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)

@@ -1,0 +1,112 @@
+"""The exception tree of dicombridge, in one place.
+
+Every error the package raises on purpose derives from ``BridgeError`` and says
+whether trying again may help (``transient``) or not (permanent: quarantine,
+refuse, or tell the operator). Third-party errors are translated where they
+enter (``raise X from exc``), never passed through.
+
+::
+
+    BridgeError
+    ├── ConfigError                 a file an operator edits is wrong (names file, field, fix)
+    │   └── DirectoryError          the federation directory is malformed
+    │       ├── DirectorySignatureError   its signature does not verify
+    │       └── DirectoryRollbackError    older than (or conflicting with) one accepted
+    ├── KeyMaterialError            key material missing, unreadable or unknown
+    ├── EnvelopeError               a message or transfer fails a check (permanent)
+    │   ├── UnsupportedVersionError       protocol version this gateway cannot read
+    │   ├── IntegrityError                authentication, signature or hash failed
+    │   ├── NotForUsError                 sealed for another site or key
+    │   └── IncompleteTransferError       a fragment is missing
+    ├── SenderMismatchError         AMQP user_id missing or not the signed sender
+    ├── TransportError              the broker (transient unless stated)
+    │   ├── BrokerUnreachableError        cannot connect
+    │   ├── PublishRefusedError           nacked, returned or rejected (queue full)
+    │   └── PermissionDeniedError         the broker refused an operation (permanent)
+    └── ProvisionError              provisioning through the management API failed
+
+At the DICOM boundary these become DIMSE statuses, never exceptions.
+"""
+
+from __future__ import annotations
+
+
+class BridgeError(Exception):
+    """Root of every dicombridge error."""
+
+    transient: bool = False
+
+
+class ConfigError(BridgeError):
+    """A configuration file is wrong; the message names the file, the field and the fix."""
+
+    def __init__(self, path: object, field: str, problem: str, fix: str) -> None:
+        self.path = str(path)
+        self.field = field
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{self.path}: {field}: {problem}. Fix: {fix}")
+
+
+class DirectoryError(ConfigError):
+    """The signed federation directory is malformed."""
+
+
+class DirectorySignatureError(DirectoryError):
+    """The directory's signature does not verify against the operator's key."""
+
+
+class DirectoryRollbackError(DirectoryError):
+    """The directory is older than, or conflicts with, the one already accepted."""
+
+
+class KeyMaterialError(BridgeError):
+    """Key material is missing, unreadable, or not in the directory."""
+
+
+class EnvelopeError(BridgeError):
+    """A message or transfer fails a check; never retried, quarantined."""
+
+
+class UnsupportedVersionError(EnvelopeError):
+    """A message names a protocol version this gateway cannot read."""
+
+
+class IntegrityError(EnvelopeError):
+    """Authentication tag, signature or plaintext hash does not verify."""
+
+
+class NotForUsError(EnvelopeError):
+    """The message is sealed for another site or for a key we do not hold."""
+
+
+class IncompleteTransferError(EnvelopeError):
+    """A transfer was opened with fragments missing."""
+
+
+class SenderMismatchError(BridgeError):
+    """The AMQP ``user_id`` is missing or is not the broker user of the signed sender."""
+
+
+class TransportError(BridgeError):
+    """The broker could not do what was asked; usually worth retrying."""
+
+    transient = True
+
+
+class BrokerUnreachableError(TransportError):
+    """No connection to the broker."""
+
+
+class PublishRefusedError(TransportError):
+    """A publish was nacked, returned as unroutable, or rejected by a full queue."""
+
+
+class PermissionDeniedError(TransportError):
+    """The broker refused an operation for lack of permission."""
+
+    transient = False
+
+
+class ProvisionError(BridgeError):
+    """Provisioning the broker through its management API failed."""

@@ -1,0 +1,171 @@
+"""The federation operator's workspace: the operator key, the directory draft, signing.
+
+::
+
+    OPDIR/operator.key          Ed25519 signing key (0600): signs the directory
+    OPDIR/operator.json         federation name and the operator's public key
+    OPDIR/directory.draft.json  the unsigned working copy that add/remove edit
+    OPDIR/directory.json        the newest signed directory, to distribute to sites
+    OPDIR/broker-users/SITE     each site's broker password (0600), made at provisioning
+
+Sites hand in what ``dicombridge keys export`` printed; the operator adds it, signs
+(the version grows by one at least), and distributes ``directory.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Final
+
+from pydantic import SecretStr, ValidationError
+
+from dicombridge import directory as fed
+from dicombridge.errors import ConfigError, DirectoryError, KeyMaterialError
+from dicombridge.fragments import write_durably
+from dicombridge.keys import (
+    SigningPrivateKey,
+    SigningPublicKey,
+    Validity,
+    b64decode,
+    b64encode,
+    load_signing_key,
+    write_private,
+)
+
+OPERATOR_KEY: Final = "operator.key"
+OPERATOR_INFO: Final = "operator.json"
+DRAFT: Final = "directory.draft.json"
+SIGNED: Final = "directory.json"
+BROKER_USERS: Final = "broker-users"
+
+
+def operator_public_key(text: str, *, source: Path | str, field: str) -> SigningPublicKey:
+    """Parse the operator's base64 public key as pinned in a gateway's config."""
+    try:
+        raw = b64decode(text.strip(), what=field, length=32)
+        return SigningPublicKey(raw, Validity(not_before=datetime.min.replace(tzinfo=UTC)))
+    except KeyMaterialError as exc:
+        raise ConfigError(
+            source, field, str(exc), "paste the output of `dicombridge operator key`"
+        ) from exc
+
+
+class OperatorWorkspace:
+    """An operator directory; create it with ``init``, then edit, sign, provision."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @classmethod
+    def init(cls, root: Path, *, federation: str) -> OperatorWorkspace:
+        if (root / OPERATOR_KEY).exists():
+            raise ConfigError(
+                root / OPERATOR_KEY,
+                "(file)",
+                "an operator key already exists",
+                "use another --dir, or keep using this workspace",
+            )
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        key = SigningPrivateKey.generate()
+        write_private(root / OPERATOR_KEY, key.to_json())
+        info = {
+            "federation": federation,
+            "key_id": key.key_id,
+            "public": b64encode(key.public.ed25519),
+        }
+        write_durably(root / OPERATOR_INFO, (json.dumps(info, indent=2) + "\n").encode())
+        workspace = cls(root)
+        workspace.save_draft(fed.new_body(federation))
+        return workspace
+
+    def _require(self) -> None:
+        if not (self.root / OPERATOR_KEY).exists():
+            raise ConfigError(
+                self.root,
+                "(directory)",
+                "not an operator workspace (no operator.key)",
+                "run `dicombridge operator init --dir DIR` or point --dir at the workspace",
+            )
+
+    def signing_key(self) -> SigningPrivateKey:
+        self._require()
+        return load_signing_key(self.root / OPERATOR_KEY)
+
+    def public_key_b64(self) -> str:
+        return b64encode(self.signing_key().public.ed25519)
+
+    def draft(self) -> fed.DirectoryBody:
+        self._require()
+        path = self.root / DRAFT
+        return fed.parse_body(fed.read_json(path), path=path)
+
+    def save_draft(self, body: fed.DirectoryBody) -> None:
+        text = json.dumps(body.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n"
+        write_durably(self.root / DRAFT, text.encode())
+
+    def last_signed(self) -> fed.Directory | None:
+        path = self.root / SIGNED
+        if not path.exists():
+            return None
+        return fed.verify_document(fed.read_json(path), self.signing_key().public, path=path)
+
+    def add_site(self, export_path: Path) -> fed.SiteEntry:
+        """Add (or replace) a site from the file that ``dicombridge keys export`` wrote."""
+        raw = fed.read_json(export_path)
+        try:
+            entry = fed.SiteEntry.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise DirectoryError(
+                export_path,
+                ".".join(str(p) for p in first["loc"]) or "(document)",
+                first["msg"],
+                "ask the site for a fresh `dicombridge keys export` output",
+            ) from exc
+        draft = self.draft()
+        clash = draft.site_for_broker_user(entry.broker_user)
+        if clash is not None and clash.id != entry.id:
+            raise DirectoryError(
+                export_path,
+                "broker_user",
+                f"{entry.broker_user!r} is already the broker user of {clash.id!r}",
+                "give each site its own broker user (dicombridge init --broker-user)",
+            )
+        self.save_draft(draft.with_site(entry))
+        return entry
+
+    def remove_site(self, site_id: str) -> None:
+        draft = self.draft()
+        if draft.site(site_id) is None:
+            raise DirectoryError(
+                self.root / DRAFT,
+                "sites",
+                f"no site {site_id!r}",
+                "check `dicombridge directory show`",
+            )
+        self.save_draft(draft.without_site(site_id))
+
+    def sign(self) -> fed.Directory:
+        """Sign the draft with a version above every one signed before; write directory.json."""
+        key = self.signing_key()
+        body = fed.next_version(self.draft(), self.last_signed())
+        document = fed.sign(body, key)
+        write_durably(
+            self.root / SIGNED, (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode()
+        )
+        self.save_draft(body)
+        return fed.verify_document(document, key.public, path=self.root / SIGNED)
+
+    def broker_password(self, site_id: str) -> SecretStr:
+        """The site's broker password, made (random, 0600) the first time it is asked for."""
+        path = self.root / BROKER_USERS / site_id
+        if not path.exists():
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_urlsafe(24) + "\n")
+        return SecretStr(path.read_text().strip())
