@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import SecretStr
 
 from dicombridge import config as site_config
 from dicombridge import identity
-from dicombridge.errors import BridgeError
+from dicombridge.errors import BridgeError, ConfigError
 from dicombridge.keys import SiteKeys
+from dicombridge.management import ManagementClient
 from dicombridge.operator import OperatorWorkspace
+from dicombridge.topology import Limits, PlaneLimits, build_definitions
 
 app = typer.Typer(
     name="dicombridge",
@@ -36,7 +40,9 @@ directory_app = typer.Typer(
 )
 app.add_typer(keys_app, name="keys")
 app.add_typer(operator_app, name="operator")
+broker_app = typer.Typer(help="The federation's RabbitMQ tenant (operator).", no_args_is_help=True)
 app.add_typer(directory_app, name="directory")
+app.add_typer(broker_app, name="broker")
 
 ConfigOption = Annotated[
     Path,
@@ -149,6 +155,72 @@ def directory_show(
     for entry in signed.sites:
         kem = ", ".join(k.key_id[:12] for k in entry.kem_keys)
         _out(f"  {entry.id:<20} user {entry.broker_user:<20} kem {kem}")
+
+
+@broker_app.command("provision")
+def broker_provision(
+    directory: OperatorDirOption,
+    management_url: Annotated[
+        str, typer.Option(help="RabbitMQ management API, e.g. https://broker:15671.")
+    ] = "http://127.0.0.1:15672",
+    admin_user: Annotated[str, typer.Option(help="An administrator of the broker.")] = "admin",
+    admin_password_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="File with the admin password (else $DICOMBRIDGE_BROKER_ADMIN_PASSWORD)."
+        ),
+    ] = None,
+    vhost: Annotated[str, typer.Option(help="The federation's vhost.")] = "dicombridge",
+    bulk_max_bytes: Annotated[
+        int, typer.Option(help="Cap of each site's bulk queue (reject-publish beyond).")
+    ] = Limits().bulk.max_length_bytes,
+    control_max_bytes: Annotated[
+        int, typer.Option(help="Cap of each site's control queue.")
+    ] = Limits().control.max_length_bytes,
+    delivery_limit: Annotated[
+        int, typer.Option(help="Deliveries before a message is dead-lettered.")
+    ] = Limits().bulk.delivery_limit,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the definitions; change nothing.")
+    ] = False,
+) -> None:
+    """Create or update the vhost, exchanges, queues, users and permissions (idempotent)."""
+    workspace = OperatorWorkspace(directory)
+    limits = Limits(
+        bulk=PlaneLimits(max_length_bytes=bulk_max_bytes, delivery_limit=delivery_limit),
+        control=PlaneLimits(max_length_bytes=control_max_bytes, delivery_limit=delivery_limit),
+    )
+    definitions = build_definitions(vhost=vhost, accounts=workspace.site_accounts(), limits=limits)
+    if dry_run:
+        _out(definitions.render())
+        return
+    password = _admin_password(admin_password_file)
+    with ManagementClient(management_url, user=admin_user, password=password) as client:
+        client.apply(definitions)
+    _out(
+        f"provisioned vhost {vhost!r}: {len(definitions.exchanges)} exchanges, "
+        f"{len(definitions.queues)} queues, {len(definitions.users)} users"
+    )
+    _out(f"site passwords are in {workspace.root / 'broker-users'} (hand each to its site)")
+
+
+def _admin_password(path: Path | None) -> SecretStr:
+    if path is not None:
+        try:
+            return SecretStr(path.read_text(encoding="utf-8").strip())
+        except OSError as exc:
+            raise ConfigError(
+                path, "--admin-password-file", exc.strerror or "unreadable", "check the path"
+            ) from exc
+    value = os.environ.get("DICOMBRIDGE_BROKER_ADMIN_PASSWORD")
+    if not value:
+        raise ConfigError(
+            "(command line)",
+            "--admin-password-file",
+            "no admin password given",
+            "pass --admin-password-file or set DICOMBRIDGE_BROKER_ADMIN_PASSWORD",
+        )
+    return SecretStr(value)
 
 
 def main() -> None:

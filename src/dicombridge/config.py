@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Final
+from typing import Final
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from pydantic import (
@@ -20,7 +20,7 @@ from pydantic import (
     field_validator,
 )
 
-from dicombridge.directory import SITE_ID_PATTERN
+from dicombridge.directory import SiteId
 from dicombridge.envelope import DEFAULT_FRAGMENT_SIZE, MAX_FRAGMENT_SIZE
 from dicombridge.errors import ConfigError
 
@@ -42,7 +42,7 @@ class _Section(BaseModel):
 class SiteSection(_Section):
     """Who this gateway is."""
 
-    id: Annotated[str, Field(pattern=SITE_ID_PATTERN)]
+    id: SiteId
 
 
 class KeysSection(_Section):

@@ -15,15 +15,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from dicombridge.durable import write_durably
 from dicombridge.errors import (
     DirectoryError,
     DirectoryRollbackError,
@@ -46,21 +53,11 @@ from dicombridge.keys import (
     key_id_for,
     utc_now,
 )
+from dicombridge.topology import check_site_id
 
 DIRECTORY_FORMAT: Final = "dicombridge-directory/1"
-SITE_ID_PATTERN: Final = r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$"
-
-SiteId = Annotated[str, Field(pattern=SITE_ID_PATTERN)]
-
-
-def check_site_id(site_id: str) -> str:
-    """Return ``site_id`` if it is a lowercase slug (a-z, 0-9, '-', 1-32 characters)."""
-    if not re.fullmatch(SITE_ID_PATTERN, site_id):
-        raise ValueError(
-            f"site id {site_id!r} is not a lowercase slug: use a-z, 0-9 and '-', "
-            "1 to 32 characters, not starting or ending with '-'"
-        )
-    return site_id
+# A site id is a lowercase slug; the rule lives with the broker names it becomes part of.
+SiteId = Annotated[str, AfterValidator(check_site_id)]
 
 
 def canonical_json(value: Any) -> bytes:
@@ -78,8 +75,9 @@ class PublicKeyEntry(_Model):
     kind: Literal["mlkem768-x25519", "ed25519"]
     key_id: str
     public: str
-    not_before: datetime
-    not_after: datetime | None = None
+    # Aware times only: a naive one could not be compared with a message's created_at.
+    not_before: AwareDatetime
+    not_after: AwareDatetime | None = None
     revoked: bool = False
 
     @model_validator(mode="after")
@@ -159,18 +157,21 @@ class DirectoryBody(_Model):
     format: Literal["dicombridge-directory/1"] = DIRECTORY_FORMAT
     federation: str = Field(min_length=1, max_length=64)
     version: int = Field(ge=0)
-    issued_at: datetime
+    issued_at: AwareDatetime
     sites: list[SiteEntry] = Field(default_factory=list)
 
-    @model_validator(mode="after")
-    def _unique(self) -> DirectoryBody:
-        ids = [s.id for s in self.sites]
-        if len(ids) != len(set(ids)):
-            raise ValueError("a site id appears twice")
-        users = [s.broker_user for s in self.sites]
-        if len(users) != len(set(users)):
-            raise ValueError("a broker_user appears twice")
-        return self
+    @field_validator("sites")
+    @classmethod
+    def _unique(cls, sites: list[SiteEntry]) -> list[SiteEntry]:
+        # A field validator, so that the error names ``sites`` rather than the whole body.
+        for what, values in (
+            ("site id", [s.id for s in sites]),
+            ("broker_user", [s.broker_user for s in sites]),
+        ):
+            twice = sorted({v for v in values if values.count(v) > 1})
+            if twice:
+                raise ValueError(f"{what} {twice[0]!r} appears twice")
+        return sites
 
     def site(self, site_id: str) -> SiteEntry | None:
         return next((s for s in self.sites if s.id == site_id), None)
@@ -267,7 +268,8 @@ def verify_document(document: object, operator_key: SigningPublicKey, *, path: P
             length=ED25519_SIGNATURE_BYTES,
         )
     except KeyMaterialError as exc:
-        raise DirectoryError(path, "signature.ed25519", str(exc), fix_corrupt) from exc
+        # A signature that cannot even be decoded does not verify either.
+        raise DirectorySignatureError(path, "signature.ed25519", str(exc), fix_corrupt) from exc
     canonical = canonical_json(raw)
     if not operator_key.verify(sig, b"dicombridge-directory-v1\0" + canonical):
         raise DirectorySignatureError(
@@ -356,9 +358,7 @@ def _read_accepted(state_path: Path) -> AcceptedVersion | None:
 
 def _write_accepted(state_path: Path, accepted: AcceptedVersion) -> None:
     state_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = state_path.with_suffix(".tmp")
-    tmp.write_text(accepted.model_dump_json(), encoding="utf-8")
-    os.replace(tmp, state_path)
+    write_durably(state_path, accepted.model_dump_json().encode())
 
 
 def new_body(federation: str) -> DirectoryBody:

@@ -226,11 +226,11 @@ def open_document(
         raise IntegrityError(f"signing key {sender_key_id} is not listed for {sender_site!r}")
     if not public.verify(signature, _SIGNATURE_CONTEXT + payload):
         raise IntegrityError(f"signature of {header.id_hex} does not verify for {sender_site!r}")
+    if public.validity.revoked:
+        raise IntegrityError(f"signing key {sender_key_id} is revoked")
     created_at = _created_at(document)
     if not public.validity.valid_at(created_at):
         raise IntegrityError(f"signing key {sender_key_id} was not valid at {created_at}")
-    if public.validity.revoked:
-        raise IntegrityError(f"signing key {sender_key_id} is revoked")
     return OpenedDocument(header, document, sender_site, sender_key_id)
 
 
@@ -311,15 +311,22 @@ def fragment_count_for(total_length: int, fragment_size: int) -> int:
     return -(-total_length // fragment_size)
 
 
+def _strict_int(value: object) -> int:
+    """A JSON integer, nothing that merely converts to one (no bool, float or string)."""
+    if type(value) is not int:
+        raise TypeError("not an integer")
+    return value
+
+
 def manifest_from_document(opened: OpenedDocument) -> Manifest:
     """Check an opened manifest's fields for consistency and return them typed."""
     if opened.header.kind is not Kind.MANIFEST:
         raise EnvelopeError(f"expected a manifest, got {opened.header.kind.name}")
     doc = opened.document
     try:
-        size = int(doc["fragment_size"])
-        count = int(doc["fragment_count"])
-        total = int(doc["total_length"])
+        size = _strict_int(doc["fragment_size"])
+        count = _strict_int(doc["fragment_count"])
+        total = _strict_int(doc["total_length"])
         sha256 = bytes.fromhex(str(doc["sha256"]))
         content_key = bytes.fromhex(str(doc["content_key"]))
         meta = doc.get("meta", {})

@@ -23,7 +23,8 @@ enter (``raise X from exc``), never passed through.
     │   ├── BrokerUnreachableError        cannot connect
     │   ├── PublishRefusedError           nacked, returned or rejected (queue full)
     │   └── PermissionDeniedError         the broker refused an operation (permanent)
-    └── ProvisionError              provisioning through the management API failed
+    ├── ProvisionError              provisioning through the management API failed
+    └── SandboxError                the local sandbox could not start or stop
 
 At the DICOM boundary these become DIMSE statuses, never exceptions.
 """
@@ -110,3 +111,7 @@ class PermissionDeniedError(TransportError):
 
 class ProvisionError(BridgeError):
     """Provisioning the broker through its management API failed."""
+
+
+class SandboxError(BridgeError):
+    """The local sandbox (broker node, PACS, gateways) could not start or stop."""

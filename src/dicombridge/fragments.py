@@ -1,6 +1,7 @@
 """Cut an instance into sealed fragments on disk, and reassemble fragments into plaintext.
 
-Both directions stream: one fragment in memory at a time, whatever the instance's size.
+Sealing streams: one fragment in memory at a time, whatever the instance's size. The
+receiving side (the spool, reassembly) is ``spool.py``.
 
 Sender side, a *sealed transfer* is a directory holding only ciphertext (encrypt once:
 a republish after a crash sends the same bytes)::
@@ -9,17 +10,10 @@ a republish after a crash sends the same bytes)::
     <transfer-id>/manifest.msg    the sealed manifest message
     <transfer-id>/fragments.bin   fragment messages back to back; record i starts at
                                   i * (32 + fragment_size + 16)
-
-Receiver side, a *spool* keeps each arriving message as its own file, written to a
-temporary name, fsynced and renamed, so a file that exists is whole. Fragments may
-arrive in any order and more than once. A transfer is opened only when its manifest
-and every fragment are there; the plaintext is written to a temporary file, and
-renamed into place only once its SHA-256 matches the signed manifest.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -31,7 +25,7 @@ from typing import Any, Final
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from dicombridge.directory import Directory
+from dicombridge.durable import fsync_dir, write_durably
 from dicombridge.envelope import (
     CONTENT_KEY_BYTES,
     DEFAULT_FRAGMENT_SIZE,
@@ -40,43 +34,18 @@ from dicombridge.envelope import (
     Manifest,
     Sender,
     fragment_count_for,
-    manifest_from_document,
     new_id,
-    open_document,
-    open_fragment,
-    parse_fragment,
-    parse_header,
     seal_document,
     seal_fragment,
     sealed_fragment_bytes,
 )
-from dicombridge.errors import EnvelopeError, IncompleteTransferError, IntegrityError
-from dicombridge.keys import KemPublicKey, SiteKeys, utc_now
+from dicombridge.errors import EnvelopeError
+from dicombridge.keys import KemPublicKey, utc_now
 
 TRANSFER_FILE: Final = "transfer.json"
 MANIFEST_FILE: Final = "manifest.msg"
 FRAGMENTS_FILE: Final = "fragments.bin"
 _READ_CHUNK: Final = 1024 * 1024
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or create inside ``path`` durable (POSIX needs the directory synced)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durably(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temporary file, fsync, rename, fsync dir."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 @dataclass(frozen=True)
@@ -232,154 +201,3 @@ def seal_file(
         shutil.rmtree(work, ignore_errors=True)
         raise
     return SealedTransfer.load(target)
-
-
-# --- receiving -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SpoolState:
-    """What the spool holds of one transfer."""
-
-    sender_site: str
-    transfer_id: bytes
-    has_manifest: bool
-    fragment_count: int | None
-    fragments_present: int
-
-    @property
-    def complete(self) -> bool:
-        return (
-            self.has_manifest
-            and self.fragment_count is not None
-            and self.fragments_present == self.fragment_count
-        )
-
-
-class Spool:
-    """Arriving messages, kept per (sender site, transfer id) until the transfer is whole.
-
-    The sender site is the one the broker vouched for (``user_id``), checked by the
-    transport before a message gets here; namespacing by it means no other site can
-    add fragments to, or spoil, a transfer it did not send.
-    """
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-
-    def transfer_dir(self, sender_site: str, transfer_id: bytes) -> Path:
-        return self.root / sender_site / transfer_id.hex()
-
-    def put(self, sender_site: str, body: bytes) -> SpoolState:
-        """Store one manifest or fragment message durably; a repeat is harmless."""
-        header = parse_header(body)
-        directory = self.transfer_dir(sender_site, header.message_id)
-        directory.mkdir(parents=True, exist_ok=True)
-        if header.kind is Kind.MANIFEST:
-            target = directory / MANIFEST_FILE
-        elif header.kind is Kind.FRAGMENT:
-            fragment = parse_fragment(body)
-            count_file = directory / "count"
-            if count_file.exists():
-                if int(count_file.read_text()) != fragment.count:
-                    raise IntegrityError("fragments of one transfer disagree on their count")
-            else:
-                write_durably(count_file, str(fragment.count).encode())
-            target = directory / f"{fragment.index:08d}.frag"
-        else:
-            raise EnvelopeError(f"{header.kind.name} messages do not go to the spool")
-        if not target.exists():
-            write_durably(target, body)
-        return self.state(sender_site, header.message_id)
-
-    def state(self, sender_site: str, transfer_id: bytes) -> SpoolState:
-        directory = self.transfer_dir(sender_site, transfer_id)
-        count_file = directory / "count"
-        count = int(count_file.read_text()) if count_file.exists() else None
-        present = sum(1 for _ in directory.glob("*.frag")) if directory.exists() else 0
-        # The count comes from the first fragment or from the opened manifest (a transfer
-        # of zero bytes has no fragment to carry it).
-        has_manifest = (directory / MANIFEST_FILE).exists()
-        return SpoolState(sender_site, transfer_id, has_manifest, count, present)
-
-    def open_manifest(
-        self,
-        sender_site: str,
-        transfer_id: bytes,
-        *,
-        site_id: str,
-        keys: SiteKeys,
-        directory: Directory,
-    ) -> Manifest:
-        """Open and verify the stored manifest; the signed sender must be the broker's."""
-        path = self.transfer_dir(sender_site, transfer_id) / MANIFEST_FILE
-        opened = open_document(path.read_bytes(), site_id=site_id, keys=keys, directory=directory)
-        manifest = manifest_from_document(opened)
-        if manifest.sender_site != sender_site:
-            raise IntegrityError(
-                f"manifest signed by {manifest.sender_site!r} arrived from {sender_site!r}"
-            )
-        count_file = self.transfer_dir(sender_site, transfer_id) / "count"
-        if not count_file.exists():
-            write_durably(count_file, str(manifest.fragment_count).encode())
-        elif int(count_file.read_text()) != manifest.fragment_count:
-            raise IntegrityError("fragments disagree with the manifest on their count")
-        return manifest
-
-    def assemble(
-        self,
-        sender_site: str,
-        transfer_id: bytes,
-        out_path: Path,
-        *,
-        site_id: str,
-        keys: SiteKeys,
-        directory: Directory,
-    ) -> Manifest:
-        """Verify and decrypt a whole transfer into ``out_path``.
-
-        Streams fragment by fragment; ``out_path`` appears only once the plaintext's
-        SHA-256 equals the signed one. Any failure leaves no plaintext behind.
-        """
-        manifest = self.open_manifest(
-            sender_site, transfer_id, site_id=site_id, keys=keys, directory=directory
-        )
-        folder = self.transfer_dir(sender_site, transfer_id)
-        aead = AESGCM(manifest.content_key)
-        digest = hashlib.sha256()
-        written = 0
-        tmp = out_path.with_name(f".{out_path.name}.assembling")
-        try:
-            with open(tmp, "wb") as out:
-                for index in range(manifest.fragment_count):
-                    path = folder / f"{index:08d}.frag"
-                    try:
-                        body = path.read_bytes()
-                    except FileNotFoundError as exc:
-                        raise IncompleteTransferError(
-                            f"transfer {transfer_id.hex()} lacks fragment {index} "
-                            f"of {manifest.fragment_count}"
-                        ) from exc
-                    got, data = open_fragment(aead, manifest, body)
-                    if got != index:
-                        raise IntegrityError(f"fragment file {index} holds fragment {got}")
-                    digest.update(data)
-                    written += out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            if written != manifest.total_length or digest.digest() != manifest.sha256:
-                raise IntegrityError(
-                    f"transfer {transfer_id.hex()}: assembled bytes do not match the signed hash"
-                )
-            os.replace(tmp, out_path)
-            fsync_dir(out_path.parent)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            raise
-        return manifest
-
-    def discard(self, sender_site: str, transfer_id: bytes) -> None:
-        """Forget a transfer's messages (after delivery or quarantine)."""
-        shutil.rmtree(self.transfer_dir(sender_site, transfer_id), ignore_errors=True)

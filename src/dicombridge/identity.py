@@ -23,13 +23,14 @@ from dicombridge.envelope import Sender
 from dicombridge.errors import ConfigError, KeyMaterialError
 from dicombridge.keys import KEM_KIND, SIGNING_KIND, SiteKeys
 from dicombridge.operator import operator_public_key
+from dicombridge.topology import check_site_id
 
 
 def init_site(
     root: Path, *, site_id: str, broker_url: str, operator_key: str = "", force: bool = False
 ) -> Path:
     """Create a site directory with fresh keys and a commented config; return the config path."""
-    fed.check_site_id(site_id)
+    check_site_id(site_id)
     config_path = root / site_config.CONFIG_FILE
     if config_path.exists() and not force:
         raise ConfigError(

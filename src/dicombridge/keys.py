@@ -26,6 +26,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import ed25519, mlkem, x25519
 
+from dicombridge.durable import write_durably
 from dicombridge.errors import KeyMaterialError
 
 KEM_KIND: Final = "mlkem768-x25519"
@@ -225,18 +226,14 @@ class SigningPrivateKey:
 def write_private(path: Path, document: dict[str, Any]) -> None:
     """Write a private key file with mode 0600 from the first byte (never world-readable)."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(document, handle, indent=2)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_durably(path, (json.dumps(document, indent=2) + "\n").encode(), mode=0o600)
 
 
 def _read_private(path: Path) -> dict[str, Any]:
-    mode = path.stat().st_mode & 0o777
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError as exc:
+        raise KeyMaterialError(f"{path}: cannot read key file ({exc.strerror})") from exc
     if mode & 0o077:
         raise KeyMaterialError(
             f"{path}: private key readable by others (mode {mode:o}). Fix: chmod 600 {path}"
@@ -252,9 +249,13 @@ def _read_private(path: Path) -> dict[str, Any]:
 
 def _created_at(document: dict[str, Any], path: Path) -> datetime:
     try:
-        return datetime.fromisoformat(str(document["created_at"]))
+        created_at = datetime.fromisoformat(str(document["created_at"]))
     except (KeyError, ValueError) as exc:
         raise KeyMaterialError(f"{path}: created_at missing or not an ISO 8601 time") from exc
+    if created_at.tzinfo is None:
+        # It becomes the key's not_before, compared with time-zoned message times.
+        raise KeyMaterialError(f"{path}: created_at has no time zone")
+    return created_at
 
 
 @dataclass
@@ -305,8 +306,12 @@ def load_kem_key(path: Path) -> KemPrivateKey:
     if document.get("kind") != KEM_KIND:
         raise KeyMaterialError(f"{path}: kind is not {KEM_KIND!r}")
     key = KemPrivateKey(
-        b64decode(str(document.get("mlkem768_seed", "")), what=f"{path}: mlkem768_seed"),
-        b64decode(str(document.get("x25519", "")), what=f"{path}: x25519"),
+        b64decode(
+            str(document.get("mlkem768_seed", "")),
+            what=f"{path}: mlkem768_seed",
+            length=MLKEM768_SEED_BYTES,
+        ),
+        b64decode(str(document.get("x25519", "")), what=f"{path}: x25519", length=X25519_BYTES),
         created_at=_created_at(document, path),
     )
     _check_key_id(path, document, key.key_id)
@@ -318,7 +323,9 @@ def load_signing_key(path: Path) -> SigningPrivateKey:
     if document.get("kind") != SIGNING_KIND:
         raise KeyMaterialError(f"{path}: kind is not {SIGNING_KIND!r}")
     key = SigningPrivateKey(
-        b64decode(str(document.get("ed25519", "")), what=f"{path}: ed25519"),
+        b64decode(
+            str(document.get("ed25519", "")), what=f"{path}: ed25519", length=ED25519_PUBLIC_BYTES
+        ),
         created_at=_created_at(document, path),
     )
     _check_key_id(path, document, key.key_id)

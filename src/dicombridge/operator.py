@@ -15,7 +15,6 @@ Sites hand in what ``dicombridge keys export`` printed; the operator adds it, si
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,8 +23,8 @@ from typing import Final
 from pydantic import SecretStr, ValidationError
 
 from dicombridge import directory as fed
+from dicombridge.durable import write_durably
 from dicombridge.errors import ConfigError, DirectoryError, KeyMaterialError
-from dicombridge.fragments import write_durably
 from dicombridge.keys import (
     SigningPrivateKey,
     SigningPublicKey,
@@ -35,6 +34,7 @@ from dicombridge.keys import (
     load_signing_key,
     write_private,
 )
+from dicombridge.topology import SiteAccount
 
 OPERATOR_KEY: Final = "operator.key"
 OPERATOR_INFO: Final = "operator.json"
@@ -160,12 +160,29 @@ class OperatorWorkspace:
         self.save_draft(body)
         return fed.verify_document(document, key.public, path=self.root / SIGNED)
 
+    def site_accounts(self) -> list[SiteAccount]:
+        """Every site of the signed directory with its broker user and password."""
+        signed = self.last_signed()
+        if signed is None:
+            raise ConfigError(
+                self.root / SIGNED,
+                "(file)",
+                "no signed directory yet",
+                "run `dicombridge directory sign` first: the broker serves the signed sites",
+            )
+        return [
+            SiteAccount(
+                site_id=entry.id,
+                broker_user=entry.broker_user,
+                password=self.broker_password(entry.id),
+            )
+            for entry in signed.sites
+        ]
+
     def broker_password(self, site_id: str) -> SecretStr:
         """The site's broker password, made (random, 0600) the first time it is asked for."""
         path = self.root / BROKER_USERS / site_id
         if not path.exists():
             path.parent.mkdir(mode=0o700, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(secrets.token_urlsafe(24) + "\n")
+            write_durably(path, (secrets.token_urlsafe(24) + "\n").encode(), mode=0o600)
         return SecretStr(path.read_text().strip())

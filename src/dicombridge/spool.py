@@ -1,0 +1,327 @@
+"""The receiving side: arriving bulk messages into the spool, whole transfers out of it.
+
+A delivery is acked only once its bytes are durably in the spool (never held until the
+PACS stored the instance: RabbitMQ's consumer ack timeout is 30 minutes). When the
+manifest and every fragment of a transfer are there, the transfer is verified and
+decrypted into ``incoming/`` and handed on. A transfer that fails a check is moved to
+``quarantine/`` with the reason, and never reaches a PACS. Transfer ids already done are
+remembered (``done/``) so that redeliveries and re-sends are dropped.
+
+The spool keeps each arriving message as its own file, written to a temporary name,
+fsynced and renamed, so a file that exists is whole. Fragments may arrive in any order
+and more than once. The plaintext is written to a temporary file and renamed into place
+only once its SHA-256 matches the signed manifest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from dicombridge.directory import Directory
+from dicombridge.durable import fsync_dir, write_durably
+from dicombridge.envelope import (
+    Kind,
+    Manifest,
+    manifest_from_document,
+    open_document,
+    open_fragment,
+    parse_fragment,
+    parse_header,
+)
+from dicombridge.errors import EnvelopeError, IncompleteTransferError, IntegrityError
+from dicombridge.fragments import MANIFEST_FILE
+from dicombridge.keys import SiteKeys, utc_now
+from dicombridge.topology import check_site_id
+from dicombridge.transport import Delivery
+
+log = logging.getLogger(__name__)
+
+TransferHandler = Callable[[Manifest, Path], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class SpoolState:
+    """What the spool holds of one transfer."""
+
+    sender_site: str
+    transfer_id: bytes
+    has_manifest: bool
+    fragment_count: int | None
+    fragments_present: int
+
+    @property
+    def complete(self) -> bool:
+        return (
+            self.has_manifest
+            and self.fragment_count is not None
+            and self.fragments_present == self.fragment_count
+        )
+
+
+class Spool:
+    """Arriving messages, kept per (sender site, transfer id) until the transfer is whole.
+
+    The sender site is the one the broker vouched for (``user_id``), checked by the
+    transport before a message gets here; namespacing by it means no other site can
+    add fragments to, or spoil, a transfer it did not send.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def transfer_dir(self, sender_site: str, transfer_id: bytes) -> Path:
+        return self.root / check_site_id(sender_site) / transfer_id.hex()
+
+    def put(self, sender_site: str, body: bytes) -> SpoolState:
+        """Store one manifest or fragment message durably; a repeat is harmless."""
+        header = parse_header(body)
+        directory = self.transfer_dir(sender_site, header.message_id)
+        directory.mkdir(parents=True, exist_ok=True)
+        if header.kind is Kind.MANIFEST:
+            target = directory / MANIFEST_FILE
+        elif header.kind is Kind.FRAGMENT:
+            fragment = parse_fragment(body)
+            count_file = directory / "count"
+            if count_file.exists():
+                if int(count_file.read_text()) != fragment.count:
+                    raise IntegrityError("fragments of one transfer disagree on their count")
+            else:
+                write_durably(count_file, str(fragment.count).encode())
+            target = directory / f"{fragment.index:08d}.frag"
+        else:
+            raise EnvelopeError(f"{header.kind.name} messages do not go to the spool")
+        if not target.exists():
+            write_durably(target, body)
+        return self.state(sender_site, header.message_id)
+
+    def state(self, sender_site: str, transfer_id: bytes) -> SpoolState:
+        directory = self.transfer_dir(sender_site, transfer_id)
+        count_file = directory / "count"
+        count = int(count_file.read_text()) if count_file.exists() else None
+        present = sum(1 for _ in directory.glob("*.frag")) if directory.exists() else 0
+        # The count comes from the first fragment or from the opened manifest (a transfer
+        # of zero bytes has no fragment to carry it).
+        has_manifest = (directory / MANIFEST_FILE).exists()
+        return SpoolState(sender_site, transfer_id, has_manifest, count, present)
+
+    def open_manifest(
+        self,
+        sender_site: str,
+        transfer_id: bytes,
+        *,
+        site_id: str,
+        keys: SiteKeys,
+        directory: Directory,
+    ) -> Manifest:
+        """Open and verify the stored manifest; the signed sender must be the broker's."""
+        path = self.transfer_dir(sender_site, transfer_id) / MANIFEST_FILE
+        try:
+            body = path.read_bytes()
+        except FileNotFoundError as exc:
+            raise IncompleteTransferError(
+                f"transfer {transfer_id.hex()} has no manifest in the spool"
+            ) from exc
+        opened = open_document(body, site_id=site_id, keys=keys, directory=directory)
+        manifest = manifest_from_document(opened)
+        if manifest.sender_site != sender_site:
+            raise IntegrityError(
+                f"manifest signed by {manifest.sender_site!r} arrived from {sender_site!r}"
+            )
+        count_file = self.transfer_dir(sender_site, transfer_id) / "count"
+        if not count_file.exists():
+            write_durably(count_file, str(manifest.fragment_count).encode())
+        elif int(count_file.read_text()) != manifest.fragment_count:
+            raise IntegrityError("fragments disagree with the manifest on their count")
+        return manifest
+
+    def assemble(
+        self,
+        sender_site: str,
+        transfer_id: bytes,
+        out_path: Path,
+        *,
+        site_id: str,
+        keys: SiteKeys,
+        directory: Directory,
+    ) -> Manifest:
+        """Verify and decrypt a whole transfer into ``out_path``.
+
+        Streams fragment by fragment; ``out_path`` appears only once the plaintext's
+        SHA-256 equals the signed one. Any failure leaves no plaintext behind.
+        """
+        manifest = self.open_manifest(
+            sender_site, transfer_id, site_id=site_id, keys=keys, directory=directory
+        )
+        folder = self.transfer_dir(sender_site, transfer_id)
+        aead = AESGCM(manifest.content_key)
+        digest = hashlib.sha256()
+        written = 0
+        tmp = out_path.with_name(f".{out_path.name}.assembling")
+        try:
+            with open(tmp, "wb") as out:
+                for index in range(manifest.fragment_count):
+                    path = folder / f"{index:08d}.frag"
+                    try:
+                        body = path.read_bytes()
+                    except FileNotFoundError as exc:
+                        raise IncompleteTransferError(
+                            f"transfer {transfer_id.hex()} lacks fragment {index} "
+                            f"of {manifest.fragment_count}"
+                        ) from exc
+                    got, data = open_fragment(aead, manifest, body)
+                    if got != index:
+                        raise IntegrityError(f"fragment file {index} holds fragment {got}")
+                    digest.update(data)
+                    written += out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            if written != manifest.total_length or digest.digest() != manifest.sha256:
+                raise IntegrityError(
+                    f"transfer {transfer_id.hex()}: assembled bytes do not match the signed hash"
+                )
+            os.replace(tmp, out_path)
+            fsync_dir(out_path.parent)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+        return manifest
+
+    def discard(self, sender_site: str, transfer_id: bytes) -> None:
+        """Forget a transfer's messages (after delivery or quarantine)."""
+        shutil.rmtree(self.transfer_dir(sender_site, transfer_id), ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class ReceiverIdentity:
+    """Who receives: this site's id, private keys and the verified directory."""
+
+    site_id: str
+    keys: SiteKeys
+    directory: Directory
+
+
+class Receiver:
+    """Handles bulk deliveries: spool, assemble when whole, quarantine what fails."""
+
+    def __init__(
+        self, root: Path, identity: ReceiverIdentity, on_transfer: TransferHandler
+    ) -> None:
+        self.identity = identity
+        self.spool = Spool(root / "spool")
+        self.incoming = root / "incoming"
+        self.quarantine = root / "quarantine"
+        self.done = root / "done"
+        for path in (self.incoming, self.quarantine, self.done):
+            path.mkdir(parents=True, exist_ok=True)
+        self._on_transfer = on_transfer
+        self.duplicates_dropped = 0
+        self.quarantined = 0
+
+    def _done_marker(self, sender_site: str, transfer_id: bytes) -> Path:
+        return self.done / sender_site / transfer_id.hex()
+
+    async def handle(self, delivery: Delivery) -> None:
+        """Store one delivery durably; if it completes a transfer, open and hand it on."""
+        header = parse_header(delivery.body)
+        sender = delivery.sender_site
+        if header.kind not in (Kind.MANIFEST, Kind.FRAGMENT):
+            raise EnvelopeError(f"{header.kind.name} message on the bulk plane")
+        if self._done_marker(sender, header.message_id).exists():
+            self.duplicates_dropped += 1
+            log.info("duplicate dropped", extra={"transfer_id": header.id_hex})
+            return
+        state = await asyncio.to_thread(self.spool.put, sender, delivery.body)
+        if header.kind is Kind.MANIFEST and state.fragment_count is None:
+            # Opening the manifest early fixes the count (a transfer of 0 bytes has no
+            # fragment) and refuses a bad manifest before its fragments pile up.
+            await self._guarded(sender, header.message_id, self._open_manifest)
+            state = self.spool.state(sender, header.message_id)
+        if state.complete:
+            await self._guarded(sender, header.message_id, self._assemble)
+
+    async def _open_manifest(self, sender: str, transfer_id: bytes) -> None:
+        ident = self.identity
+        await asyncio.to_thread(
+            self.spool.open_manifest,
+            sender,
+            transfer_id,
+            site_id=ident.site_id,
+            keys=ident.keys,
+            directory=ident.directory,
+        )
+
+    async def _assemble(self, sender: str, transfer_id: bytes) -> None:
+        ident = self.identity
+        out = self.incoming / f"{sender}.{transfer_id.hex()}.dcm"
+        manifest = await asyncio.to_thread(
+            self.spool.assemble,
+            sender,
+            transfer_id,
+            out,
+            site_id=ident.site_id,
+            keys=ident.keys,
+            directory=ident.directory,
+        )
+        marker = self._done_marker(sender, transfer_id)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        write_durably(marker, utc_now().isoformat().encode())
+        self.spool.discard(sender, transfer_id)
+        log.info(
+            "transfer received",
+            extra={
+                "transfer_id": transfer_id.hex(),
+                "from_site": sender,
+                "bytes": manifest.total_length,
+            },
+        )
+        await self._on_transfer(manifest, out)
+
+    async def _guarded(
+        self, sender: str, transfer_id: bytes, step: Callable[[str, bytes], Awaitable[None]]
+    ) -> None:
+        """Run a step; an envelope failure quarantines the transfer instead of failing the ack."""
+        try:
+            await step(sender, transfer_id)
+        except EnvelopeError as exc:
+            await asyncio.to_thread(self._quarantine, sender, transfer_id, exc)
+
+    def _quarantine(self, sender: str, transfer_id: bytes, exc: EnvelopeError) -> None:
+        source = self.spool.transfer_dir(sender, transfer_id)
+        target = self.quarantine / sender / transfer_id.hex()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(source, target)
+        write_durably(
+            target / "reason.json",
+            json.dumps(
+                {"error": type(exc).__name__, "detail": str(exc), "at": utc_now().isoformat()}
+            ).encode(),
+        )
+        fsync_dir(target.parent)
+        # Later messages of this transfer are dropped, not spooled again.
+        marker = self._done_marker(sender, transfer_id)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        write_durably(marker, b"quarantined")
+        self.quarantined += 1
+        log.warning(
+            "transfer quarantined",
+            extra={
+                "transfer_id": transfer_id.hex(),
+                "from_site": sender,
+                "error": type(exc).__name__,
+            },
+        )
