@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Final
+from typing import Annotated, Final
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from dicombridge.directory import SiteId
@@ -99,6 +101,67 @@ class StorageSection(_Section):
     root: Path = Path("var")
 
 
+def check_ae_title(value: str) -> str:
+    """An AE title as PS3.5 allows it: 1-16 characters of the default repertoire, no
+    backslash or control character, not only spaces; leading/trailing spaces dropped."""
+    title = value.strip()
+    if not 1 <= len(title) <= 16:
+        raise ValueError("an AE title has 1 to 16 characters")
+    if any(c == "\\" or not 0x20 <= ord(c) < 0x7F for c in title):
+        raise ValueError("an AE title uses printable ASCII without backslash")
+    return title
+
+
+AETitle = Annotated[str, AfterValidator(check_ae_title)]
+
+
+class GatewaySection(_Section):
+    """The gateway's DICOM side toward the hospital (PS3.8 association parameters)."""
+
+    ae_title: AETitle = "DICOMBRIDGE"
+    host: str = "0.0.0.0"  # noqa: S104 - the hospital's devices must reach it
+    port: int = Field(default=11112, ge=1, le=65535)
+    maximum_associations: int = Field(default=16, ge=1, le=512)
+    # Advertised and enforced on read; PS3.8 allows up to 2^32-1, we bound it.
+    maximum_pdu_bytes: int = Field(default=1024 * 1024, ge=16 * 1024, le=4 * 1024 * 1024)
+    acse_timeout_s: float = Field(default=30.0, gt=0)
+    dimse_timeout_s: float = Field(default=60.0, gt=0)
+    network_timeout_s: float = Field(default=60.0, gt=0)
+
+
+class RouteEntry(_Section):
+    """A called AE title on this gateway that reaches a node at a remote site."""
+
+    ae_title: AETitle
+    site: SiteId
+    node: str = Field(default="PACS", min_length=1, max_length=64)
+
+
+class LocalNode(_Section):
+    """A DICOM node in this hospital that the gateway may send to (the PACS)."""
+
+    name: str = Field(min_length=1, max_length=64)
+    ae_title: AETitle
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+
+class OutboxSection(_Section):
+    """Received instances wait here, sealed, until the recipient's stored receipt."""
+
+    max_bytes: int = Field(default=10 * 1024**3, ge=1024 * 1024)
+    max_count: int = Field(default=100_000, ge=1)
+
+
+class DeliverySection(_Section):
+    """Delivery of received instances to the local PACS."""
+
+    retry_initial_s: float = Field(default=1.0, gt=0)
+    retry_max_s: float = Field(default=60.0, gt=0)
+    # Transient failures (PACS down) are retried this long before quarantine.
+    give_up_after_s: float = Field(default=24 * 3600.0, gt=0)
+
+
 class SiteConfig(_Section):
     """The whole of ``gateway.toml``; paths already resolved against its directory."""
 
@@ -108,7 +171,32 @@ class SiteConfig(_Section):
     broker: BrokerSection
     transfer: TransferSection = TransferSection()
     storage: StorageSection = StorageSection()
+    gateway: GatewaySection = GatewaySection()
+    routes: list[RouteEntry] = Field(default_factory=list)
+    local_nodes: list[LocalNode] = Field(default_factory=list)
+    outbox: OutboxSection = OutboxSection()
+    delivery: DeliverySection = DeliverySection()
     source: Path = Path()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SiteConfig:
+        titles = [r.ae_title for r in self.routes]
+        if len(titles) != len(set(titles)):
+            raise ValueError("two routes have the same ae_title")
+        if self.gateway.ae_title in titles:
+            raise ValueError("a route uses the gateway's own ae_title")
+        if any(r.site == self.site.id for r in self.routes):
+            raise ValueError("a route leads to this site itself")
+        names = [n.name for n in self.local_nodes]
+        if len(names) != len(set(names)):
+            raise ValueError("two local_nodes have the same name")
+        return self
+
+    def route(self, called_ae_title: str) -> RouteEntry | None:
+        return next((r for r in self.routes if r.ae_title == called_ae_title), None)
+
+    def local_node(self, name: str) -> LocalNode | None:
+        return next((n for n in self.local_nodes if n.name == name), None)
 
     def broker_password(self) -> SecretStr:
         """Read the broker password from its file (first line, stripped)."""
@@ -226,4 +314,40 @@ max_in_flight_messages = 64
 [storage]
 # Outbox, spool and quarantine (they hold PHI; keep on an encrypted volume).
 root = "var"
+
+[gateway]
+# The gateway's own AE title (answers C-ECHO; calling AE toward local nodes).
+ae_title = "DICOMBRIDGE"
+host = "0.0.0.0"
+port = 11112
+maximum_associations = 16
+# Largest PDU advertised and accepted (16 KiB to 4 MiB); larger PDUs abort the association.
+maximum_pdu_bytes = 1048576
+acse_timeout_s = 30
+dimse_timeout_s = 60
+network_timeout_s = 60
+
+# Routes: a called AE title on this gateway that reaches a node at another site.
+# [[routes]]
+# ae_title = "HOSP_B"
+# site = "hosp-b"
+# node = "PACS"
+
+# Local nodes: DICOM nodes here that the gateway sends to (the PACS receiving inbound
+# studies is the node named "PACS").
+# [[local_nodes]]
+# name = "PACS"
+# ae_title = "ORTHANC"
+# host = "127.0.0.1"
+# port = 4242
+
+[outbox]
+# Beyond either cap the gateway answers C-STORE with 0xA700 (out of resources).
+max_bytes = {10 * 1024**3}
+max_count = 100000
+
+[delivery]
+retry_initial_s = 1
+retry_max_s = 60
+give_up_after_s = 86400
 """

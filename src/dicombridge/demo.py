@@ -20,11 +20,10 @@ import aio_pika
 import pydicom
 from pydicom.data import get_testdata_file
 
-from dicombridge.envelope import Manifest
 from dicombridge.fragments import Recipient, seal_file
 from dicombridge.keys import newest_valid, utc_now
 from dicombridge.sandbox import BrokerNode, Federation, create_federation
-from dicombridge.spool import Receiver, ReceiverIdentity
+from dicombridge.spool import IncomingTransfer, Receiver, ReceiverIdentity
 from dicombridge.topology import exchange_name
 from dicombridge.transport import Transport
 
@@ -80,11 +79,11 @@ async def relay(federation: Federation, broker: BrokerNode, source: Path) -> Non
             f"sealed for hosp-b key {kem_key.key_id[:12]}"
         )
 
-        arrived: asyncio.Future[tuple[Manifest, Path]] = asyncio.get_running_loop().create_future()
+        arrived: asyncio.Future[IncomingTransfer] = asyncio.get_running_loop().create_future()
 
-        async def on_transfer(manifest: Manifest, path: Path) -> None:
+        async def on_transfer(incoming: IncomingTransfer) -> None:
             if not arrived.done():
-                arrived.set_result((manifest, path))
+                arrived.set_result(incoming)
 
         receiver = Receiver(
             site_b.config.storage.root,
@@ -108,14 +107,15 @@ async def relay(federation: Federation, broker: BrokerNode, source: Path) -> Non
             consumer = asyncio.create_task(transport_b.consume("bulk", receiver.handle))
             published = await transport_a.publish_transfer(sealed)
             say(f"[hosp-a] published {published} bytes to {exchange_name('hosp-b')}, all confirmed")
-            manifest, path = await asyncio.wait_for(arrived, timeout=60)
+            incoming = await asyncio.wait_for(arrived, timeout=60)
+            path = incoming.path
             consumer.cancel()
         elapsed = time.perf_counter() - started
         sent, received = await asyncio.to_thread(lambda: (source.read_bytes(), path.read_bytes()))
         same = sent == received
         say(
-            f"[hosp-b] verified and decrypted transfer {manifest.transfer_id.hex()} from "
-            f"{manifest.sender_site} in {elapsed * 1000:.0f} ms"
+            f"[hosp-b] verified and decrypted transfer {incoming.transfer_id.hex()} from "
+            f"{incoming.sender_site} in {elapsed * 1000:.0f} ms"
         )
         say(f"[hosp-b] SHA-256 sent     {hashlib.sha256(sent).hexdigest()}")
         say(f"[hosp-b] SHA-256 received {hashlib.sha256(received).hexdigest()}")

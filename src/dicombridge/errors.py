@@ -23,6 +23,7 @@ enter (``raise X from exc``), never passed through.
     │   ├── BrokerUnreachableError        cannot connect
     │   ├── PublishRefusedError           nacked, returned or rejected (queue full)
     │   └── PermissionDeniedError         the broker refused an operation (permanent)
+    ├── OutboxFullError             the outbox reached a cap: answer 0xA700 (transient)
     ├── ProvisionError              provisioning through the management API failed
     └── SandboxError                the local sandbox could not start or stop
 
@@ -107,6 +108,12 @@ class PermissionDeniedError(TransportError):
     """The broker refused an operation for lack of permission."""
 
     transient = False
+
+
+class OutboxFullError(BridgeError):
+    """The outbox reached its byte or count cap; the SCP answers 0xA700 until it drains."""
+
+    transient = True
 
 
 class ProvisionError(BridgeError):

@@ -25,6 +25,7 @@ import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -47,7 +48,52 @@ from dicombridge.transport import Delivery
 
 log = logging.getLogger(__name__)
 
-TransferHandler = Callable[[Manifest, Path], Awaitable[None]]
+
+@dataclass(frozen=True)
+class IncomingTransfer:
+    """A verified, decrypted transfer waiting in ``incoming/`` for delivery.
+
+    Saved beside the file as JSON (no key material) so that a restart finds it again.
+    """
+
+    sender_site: str
+    transfer_id: bytes
+    path: Path
+    total_length: int
+    meta: dict[str, Any]
+
+    @property
+    def sidecar(self) -> Path:
+        return self.path.with_suffix(".json")
+
+    def save(self) -> None:
+        document = {
+            "sender_site": self.sender_site,
+            "transfer_id": self.transfer_id.hex(),
+            "file": self.path.name,
+            "total_length": self.total_length,
+            "meta": self.meta,
+        }
+        write_durably(self.sidecar, json.dumps(document, indent=1).encode())
+
+    @classmethod
+    def load(cls, sidecar: Path) -> IncomingTransfer:
+        document = json.loads(sidecar.read_text(encoding="utf-8"))
+        return cls(
+            sender_site=document["sender_site"],
+            transfer_id=bytes.fromhex(document["transfer_id"]),
+            path=sidecar.with_name(document["file"]),
+            total_length=int(document["total_length"]),
+            meta=document["meta"],
+        )
+
+    def remove(self) -> None:
+        for path in (self.path, self.sidecar):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+TransferHandler = Callable[[IncomingTransfer], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -275,10 +321,14 @@ class Receiver:
             keys=ident.keys,
             directory=ident.directory,
         )
+        incoming = IncomingTransfer(sender, transfer_id, out, manifest.total_length, manifest.meta)
+        # Order matters for crash safety: the sidecar makes the file deliverable after a
+        # restart, then the done marker makes redeliveries drop, then the spool goes.
+        await asyncio.to_thread(incoming.save)
         marker = self._done_marker(sender, transfer_id)
         marker.parent.mkdir(parents=True, exist_ok=True)
-        write_durably(marker, utc_now().isoformat().encode())
-        self.spool.discard(sender, transfer_id)
+        await asyncio.to_thread(write_durably, marker, utc_now().isoformat().encode())
+        await asyncio.to_thread(self.spool.discard, sender, transfer_id)
         log.info(
             "transfer received",
             extra={
@@ -287,7 +337,12 @@ class Receiver:
                 "bytes": manifest.total_length,
             },
         )
-        await self._on_transfer(manifest, out)
+        await self._on_transfer(incoming)
+
+    def pending(self) -> list[IncomingTransfer]:
+        """Transfers received but not yet delivered (after a restart), oldest first."""
+        sidecars = sorted(self.incoming.glob("*.json"), key=lambda p: p.stat().st_mtime)
+        return [IncomingTransfer.load(p) for p in sidecars]
 
     async def _guarded(
         self, sender: str, transfer_id: bytes, step: Callable[[str, bytes], Awaitable[None]]

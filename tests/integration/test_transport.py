@@ -16,13 +16,12 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from dicombridge.envelope import Manifest
 from dicombridge.fragments import Recipient, SealedTransfer, seal_file
 from dicombridge.identity import LocalSite
 from dicombridge.keys import newest_valid, utc_now
 from dicombridge.management import ManagementClient
 from dicombridge.sandbox import BrokerNode, Federation, create_federation
-from dicombridge.spool import Receiver, ReceiverIdentity
+from dicombridge.spool import IncomingTransfer, Receiver, ReceiverIdentity
 from dicombridge.topology import dead_queue_name, exchange_name
 from dicombridge.transport import Transport
 from tests.brokerkit import wait_until
@@ -76,11 +75,11 @@ def seal_for(
 class Inbox:
     """What a receiving site handed on, for the test to wait on."""
 
-    received: list[tuple[Manifest, Path]] = field(default_factory=list)
+    received: list[tuple[IncomingTransfer, Path]] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def on_transfer(self, manifest: Manifest, path: Path) -> None:
-        self.received.append((manifest, path))
+    async def on_transfer(self, incoming: IncomingTransfer) -> None:
+        self.received.append((incoming, incoming.path))
         self.changed.set()
 
     async def wait_for(self, count: int, timeout_s: float = 30) -> None:

@@ -1,0 +1,193 @@
+"""The sender's outbox: instances sealed on entry, kept until the recipient stored them.
+
+The SCP answers a modality's C-STORE with success only after ``admit`` returned, that is
+after the instance is sealed and fsynced here (store-and-forward). The publisher drains
+entries with publisher confirms; an entry stays until the recipient's signed *stored*
+receipt arrives, so a lost spool or a quarantined transfer can be sent again from the
+same sealed bytes. The outbox is capped in bytes and entries: beyond a cap ``admit``
+raises ``OutboxFullError`` and the SCP answers 0xA700 (out of resources).
+
+::
+
+    outbox/<transfer-id>/            a sealed transfer (see fragments.py), plus
+    outbox/<transfer-id>/state.json  published?, attempts, last receipt (no PHI)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from dicombridge.control import Receipt
+from dicombridge.directory import Directory
+from dicombridge.durable import write_durably
+from dicombridge.envelope import Sender, sealed_fragment_bytes
+from dicombridge.errors import KeyMaterialError, OutboxFullError
+from dicombridge.fragments import TRANSFER_FILE, Recipient, SealedTransfer, seal_file
+from dicombridge.keys import newest_valid, utc_now
+
+log = logging.getLogger(__name__)
+
+STATE_FILE: Final = "state.json"
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    """One transfer waiting in the outbox and what is known of it."""
+
+    transfer: SealedTransfer
+    state: dict[str, Any]
+
+    @property
+    def published(self) -> bool:
+        return bool(self.state.get("published_at"))
+
+    @property
+    def site(self) -> str:
+        return self.transfer.recipient_site
+
+
+class Outbox:
+    """Durable, capped store of sealed transfers; safe to call from several threads."""
+
+    def __init__(self, root: Path, *, max_bytes: int, max_count: int) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self.max_count = max_count
+        root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._reserved_bytes = 0
+        self._reserved_count = 0
+        self._sizes: dict[str, int] = {}
+        for entry in self.entries():
+            self._sizes[entry.transfer.transfer_id_hex] = entry.transfer.sealed_bytes
+        for leftover in root.glob(".*.sealing"):
+            # A crash while sealing: the modality was never answered success; drop it.
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(self._sizes.values()) + self._reserved_bytes
+
+    @property
+    def count(self) -> int:
+        return len(self._sizes) + self._reserved_count
+
+    def admit(
+        self,
+        source: Path,
+        *,
+        sender: Sender,
+        directory: Directory,
+        site: str,
+        fragment_size: int,
+        meta: dict[str, Any],
+    ) -> SealedTransfer:
+        """Seal ``source`` for ``site`` into the outbox, durably; raise if a cap is reached."""
+        size = source.stat().st_size
+        estimate = size + sealed_fragment_bytes(0) * (size // fragment_size + 1) + 4096
+        with self._lock:
+            if self.count + 1 > self.max_count:
+                raise OutboxFullError(
+                    f"outbox holds {self.count} transfers (max_count {self.max_count})"
+                )
+            if self.used_bytes + estimate > self.max_bytes:
+                raise OutboxFullError(
+                    f"outbox holds {self.used_bytes} bytes; {estimate} more would pass "
+                    f"max_bytes {self.max_bytes}"
+                )
+            self._reserved_bytes += estimate
+            self._reserved_count += 1
+        try:
+            recipient = self._recipient(directory, site)
+            sealed = seal_file(
+                source,
+                self.root,
+                sender=sender,
+                recipient=recipient,
+                fragment_size=fragment_size,
+                meta=meta,
+            )
+            self._write_state(sealed.path, {"created_at": utc_now().isoformat(), "attempts": 0})
+        finally:
+            with self._lock:
+                self._reserved_bytes -= estimate
+                self._reserved_count -= 1
+        with self._lock:
+            self._sizes[sealed.transfer_id_hex] = sealed.sealed_bytes
+        return sealed
+
+    @staticmethod
+    def _recipient(directory: Directory, site: str) -> Recipient:
+        entry = directory.site(site)
+        if entry is None:
+            raise KeyMaterialError(f"site {site!r} is not in the federation directory")
+        key = newest_valid(entry.kem_public_keys(), utc_now())
+        if key is None:
+            raise KeyMaterialError(f"site {site!r} has no valid KEM key in the directory")
+        return Recipient(site, key)
+
+    def entries(self) -> list[OutboxEntry]:
+        """Every complete entry, oldest first."""
+        found = []
+        for path in self.root.iterdir():
+            if path.name.startswith(".") or not (path / TRANSFER_FILE).exists():
+                continue
+            found.append(OutboxEntry(SealedTransfer.load(path), self._read_state(path)))
+        return sorted(found, key=lambda e: str(e.state.get("created_at", "")))
+
+    def get(self, transfer_id_hex: str) -> OutboxEntry | None:
+        path = self.root / transfer_id_hex
+        if not (path / TRANSFER_FILE).exists():
+            return None
+        return OutboxEntry(SealedTransfer.load(path), self._read_state(path))
+
+    def mark_published(self, transfer_id_hex: str) -> None:
+        entry = self.get(transfer_id_hex)
+        if entry is None:
+            return
+        state = dict(entry.state)
+        state["published_at"] = utc_now().isoformat()
+        state["attempts"] = int(state.get("attempts", 0)) + 1
+        self._write_state(entry.transfer.path, state)
+
+    def record_receipt(self, receipt: Receipt, *, from_site: str) -> OutboxEntry | None:
+        """Apply a receipt: a stored one removes the entry, a failed one is kept with it.
+
+        A receipt from a site other than the transfer's recipient is ignored.
+        """
+        transfer_id_hex = receipt.transfer_id.hex()
+        entry = self.get(transfer_id_hex)
+        if entry is None or entry.site != from_site:
+            return None
+        if receipt.outcome == "stored":
+            shutil.rmtree(entry.transfer.path, ignore_errors=True)
+            with self._lock:
+                self._sizes.pop(transfer_id_hex, None)
+            return entry
+        state = dict(entry.state)
+        state["receipt"] = {
+            "outcome": receipt.outcome,
+            "status": receipt.status,
+            "error_comment": receipt.error_comment,
+            "at": utc_now().isoformat(),
+        }
+        self._write_state(entry.transfer.path, state)
+        return OutboxEntry(entry.transfer, state)
+
+    @staticmethod
+    def _read_state(path: Path) -> dict[str, Any]:
+        try:
+            state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return state if isinstance(state, dict) else {}
+
+    @staticmethod
+    def _write_state(path: Path, state: dict[str, Any]) -> None:
+        write_durably(path / STATE_FILE, json.dumps(state, indent=1).encode())
