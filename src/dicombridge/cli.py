@@ -43,6 +43,12 @@ app.add_typer(operator_app, name="operator")
 broker_app = typer.Typer(help="The federation's RabbitMQ tenant (operator).", no_args_is_help=True)
 app.add_typer(directory_app, name="directory")
 app.add_typer(broker_app, name="broker")
+gateway_app = typer.Typer(help="Run this site's gateway.", no_args_is_help=True)
+sandbox_app = typer.Typer(
+    help="A local federation to try things out: broker, PACS and gateways.", no_args_is_help=True
+)
+app.add_typer(gateway_app, name="gateway")
+app.add_typer(sandbox_app, name="sandbox")
 
 ConfigOption = Annotated[
     Path,
@@ -202,6 +208,54 @@ def broker_provision(
         f"{len(definitions.queues)} queues, {len(definitions.users)} users"
     )
     _out(f"site passwords are in {workspace.root / 'broker-users'} (hand each to its site)")
+
+
+@gateway_app.command("run")
+def gateway_run(config: ConfigOption = Path("gateway.toml")) -> None:
+    """Serve DICOM for every route and relay through the broker until SIGTERM."""
+    from dicombridge.gateway import run_gateway  # noqa: PLC0415 - pynetdicom only when serving
+
+    _configure_gateway_logging()
+    run_gateway(config)
+
+
+def _configure_gateway_logging() -> None:
+    logging.getLogger().setLevel(logging.INFO)
+    # pynetdicom logs every PDU at INFO; keep its warnings and errors only.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+WorkdirOption = Annotated[Path, typer.Option(help="Where the sandbox keeps everything.")]
+
+
+@sandbox_app.command("up")
+def sandbox_up(
+    workdir: WorkdirOption,
+    sites: Annotated[int, typer.Option(help="How many sites (site-a, site-b, ...).")] = 2,
+) -> None:
+    """Start a broker, one Orthanc PACS and one gateway per site; write DIR/sandbox.json."""
+    from dicombridge import sandbox  # noqa: PLC0415 - heavy imports only for this command
+
+    started = sandbox.sandbox_up(workdir, sites=sites)
+    _out(f"sandbox up in {started['workdir']} (broker {started['broker']['node']})")
+    for site in started["sites"]:
+        gw, pacs = site["gateway"], site["pacs"]
+        routes = ", ".join(f"{ae} -> {other}" for other, ae in site["routes"].items())
+        _out(
+            f"  {site['id']}: gateway {gw['ae_title']}@127.0.0.1:{gw['port']}  "
+            f"PACS {pacs['ae_title']}@127.0.0.1:{pacs['port']} ({pacs['rest_url']})  "
+            f"routes: {routes}"
+        )
+    _out(f"details: {Path(started['workdir']) / sandbox.SANDBOX_FILE}")
+
+
+@sandbox_app.command("down")
+def sandbox_down(workdir: WorkdirOption) -> None:
+    """Stop exactly what `sandbox up` started in this directory."""
+    from dicombridge import sandbox  # noqa: PLC0415
+
+    for line in sandbox.sandbox_down(workdir):
+        _out(f"stopped {line}")
 
 
 def _admin_password(path: Path | None) -> SecretStr:

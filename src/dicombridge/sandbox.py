@@ -7,15 +7,21 @@ provisioned exactly as a real federation is: through the same functions the CLI 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 from urllib.parse import quote
 
 from pydantic import SecretStr
+from pynetdicom import AE
 
 from dicombridge import config as site_config
 from dicombridge import identity
@@ -24,6 +30,7 @@ from dicombridge.errors import SandboxError
 from dicombridge.keys import SiteKeys
 from dicombridge.management import ManagementClient
 from dicombridge.operator import SIGNED, OperatorWorkspace
+from dicombridge.orthanc import DicomModality, OrthancServer, OrthancSettings, free_port
 from dicombridge.topology import Limits, Permission, build_definitions
 
 BROKER_SCRIPTS: Final = Path(__file__).resolve().parents[2] / "broker"
@@ -180,3 +187,226 @@ def create_federation(
             site_dir / "secrets" / "broker-password", f"{password}\n".encode(), mode=0o600
         )
     return federation
+
+
+# --- the whole sandbox: broker, one Orthanc and one gateway per site ------------------
+
+SANDBOX_FILE: Final = "sandbox.json"
+VERIFICATION_SOP_CLASS: Final = "1.2.840.10008.1.1"
+_LETTERS: Final = "abcdefghijklmnopqrstuvwxyz"
+
+
+def site_ids_for(count: int) -> list[str]:
+    """``site-a``, ``site-b``, ... for ``count`` sites (at most 26)."""
+    if not 1 <= count <= len(_LETTERS):
+        raise SandboxError(f"--sites must be 1 to {len(_LETTERS)}, not {count}")
+    return [f"site-{letter}" for letter in _LETTERS[:count]]
+
+
+def route_ae_title(site_id: str) -> str:
+    """The called AE title that reaches ``site_id`` from every other site: SITE_B."""
+    return site_id.upper().replace("-", "_")[:16]
+
+
+def _configure_site(
+    config_path: Path,
+    *,
+    gateway_ae_title: str,
+    gateway_port: int,
+    pacs: OrthancServer,
+    other_sites: list[str],
+) -> None:
+    """Give a freshly initialised site its gateway port, routes and local PACS node."""
+    text = config_path.read_text(encoding="utf-8")
+    text = text.replace('ae_title = "DICOMBRIDGE"', f'ae_title = "{gateway_ae_title}"', 1)
+    text = text.replace('host = "0.0.0.0"', 'host = "127.0.0.1"', 1)
+    text = text.replace("port = 11112", f"port = {gateway_port}", 1)
+    blocks = [
+        f'\n[[routes]]\nae_title = "{route_ae_title(other)}"\nsite = "{other}"\nnode = "PACS"\n'
+        for other in other_sites
+    ]
+    blocks.append(
+        f'\n[[local_nodes]]\nname = "PACS"\nae_title = "{pacs.ae_title}"\n'
+        f'host = "127.0.0.1"\nport = {pacs.dicom_port}\n'
+    )
+    config_path.write_text(text + "".join(blocks), encoding="utf-8")
+    site_config.load(config_path)  # fail here, not in the gateway, if the edit is wrong
+
+
+def _echo(host: str, port: int, ae_title: str, *, timeout_s: float = 5.0) -> bool:
+    """True if a C-ECHO to ``ae_title`` at host:port succeeds."""
+    ae = AE(ae_title="SANDBOX")
+    ae.add_requested_context(VERIFICATION_SOP_CLASS)
+    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = timeout_s
+    assoc = ae.associate(host, port, ae_title=ae_title)
+    if not assoc.is_established:
+        return False
+    try:
+        status = assoc.send_c_echo()
+        return bool(status) and int(status.Status) == 0
+    finally:
+        assoc.release()
+
+
+def _start_gateway(config_path: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    with open(log_path, "ab") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "dicombridge", "gateway", "run", "--config", str(config_path)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # outlives `sandbox up`; `sandbox down` stops it
+        )
+
+
+def _wait_gateway(
+    process: subprocess.Popen[bytes], *, port: int, ae_title: str, log_path: Path, timeout_s: float
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise SandboxError(f"gateway exited with {process.returncode}:\n{tail}")
+        if _echo("127.0.0.1", port, ae_title, timeout_s=2.0):
+            return
+        time.sleep(0.2)  # polling a child process's port: no event to wait on
+    raise SandboxError(f"gateway on port {port} not ready after {timeout_s:.0f} s; see {log_path}")
+
+
+def sandbox_up(workdir: Path, *, sites: int, timeout_s: float = 120.0) -> dict[str, Any]:
+    """Start a broker, one Orthanc and one gateway per site; write and return sandbox.json.
+
+    Each site reaches every other site's PACS through the route AE title ``SITE_X``.
+    On any failure, whatever was started is stopped again.
+    """
+    workdir = workdir.resolve()
+    if (workdir / SANDBOX_FILE).exists():
+        raise SandboxError(
+            f"{workdir / SANDBOX_FILE} exists: a sandbox may be running. "
+            f"Stop it with `dicombridge sandbox down --workdir {workdir}` or use another dir"
+        )
+    ids = site_ids_for(sites)
+    workdir.mkdir(parents=True, exist_ok=True)
+    started: dict[str, Any] = {"workdir": str(workdir), "sites": []}
+    broker = BrokerNode.start(workdir / "broker")
+    started["broker"] = {"workdir": str(broker.workdir)}
+    try:
+        federation = create_federation(
+            workdir / "federation", broker=broker, site_ids=ids, vhost="sandbox"
+        )
+        for site_id in ids:
+            letter = site_id.rsplit("-", 1)[1].upper()
+            gateway_port = free_port()
+            gateway_ae = f"GATEWAY_{letter}"
+            site_dir = federation.site_configs[site_id].parent
+            pacs = OrthancServer.start(
+                site_dir / "pacs",
+                OrthancSettings(
+                    ae_title=f"PACS_{letter}",
+                    name=f"sandbox-{site_id}",
+                    modalities={
+                        "gateway": DicomModality(gateway_ae, "127.0.0.1", gateway_port),
+                    },
+                ),
+            )
+            entry: dict[str, Any] = {
+                "id": site_id,
+                "config": str(federation.site_configs[site_id]),
+                "pacs": {
+                    "ae_title": pacs.ae_title,
+                    "host": "127.0.0.1",
+                    "port": pacs.dicom_port,
+                    "rest_url": pacs.rest_url,
+                    "pid": pacs.pid,
+                    "workdir": str(pacs.workdir),
+                },
+                "routes": {other: route_ae_title(other) for other in ids if other != site_id},
+            }
+            started["sites"].append(entry)
+            _configure_site(
+                federation.site_configs[site_id],
+                gateway_ae_title=gateway_ae,
+                gateway_port=gateway_port,
+                pacs=pacs,
+                other_sites=[o for o in ids if o != site_id],
+            )
+            log_path = site_dir / "gateway.log"
+            process = _start_gateway(federation.site_configs[site_id], log_path)
+            entry["gateway"] = {
+                "host": "127.0.0.1",
+                "port": gateway_port,
+                "ae_title": gateway_ae,
+                "pid": process.pid,
+                "log": str(log_path),
+            }
+            _wait_gateway(
+                process,
+                port=gateway_port,
+                ae_title=gateway_ae,
+                log_path=log_path,
+                timeout_s=timeout_s,
+            )
+        started["broker"] = {
+            "workdir": str(broker.workdir),
+            "node": broker.node,
+            "amqp_url": broker.admin_amqp_url("sandbox"),
+            "management_url": broker.management_url,
+            "vhost": "sandbox",
+            "pid": broker.pid,
+        }
+        write_durably(workdir / SANDBOX_FILE, json.dumps(started, indent=2).encode(), mode=0o600)
+    except BaseException:
+        _stop_everything(started)
+        raise
+    return started
+
+
+def sandbox_down(workdir: Path) -> list[str]:
+    """Stop exactly what ``sandbox_up`` started in ``workdir``; return what was stopped."""
+    path = workdir / SANDBOX_FILE
+    try:
+        started = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise SandboxError(f"{path}: no sandbox recorded here (nothing to stop)") from exc
+    stopped = _stop_everything(started)
+    os.replace(path, workdir / "sandbox.stopped.json")
+    return stopped
+
+
+def _stop_everything(started: dict[str, Any]) -> list[str]:
+    stopped: list[str] = []
+    for site in started.get("sites", []):
+        gateway = site.get("gateway")
+        if gateway and _terminate(int(gateway["pid"])):
+            stopped.append(f"gateway {site['id']} (pid {gateway['pid']})")
+    for site in started.get("sites", []):
+        pacs = OrthancServer.from_workdir(Path(site["pacs"]["workdir"]))
+        if pacs is not None:
+            pacs.stop()
+            stopped.append(f"orthanc {site['id']} (pid {pacs.pid})")
+    broker_dir = started.get("broker", {}).get("workdir")
+    if broker_dir and (Path(broker_dir) / "node.json").exists():
+        broker = BrokerNode.from_workdir(Path(broker_dir))
+        broker.stop()
+        stopped.append(f"rabbitmq {broker.node} (pid {broker.pid})")
+    return stopped
+
+
+def _terminate(pid: int, *, timeout_s: float = 20.0) -> bool:
+    """SIGTERM ``pid`` (a gateway drains and exits 0), SIGKILL after ``timeout_s``."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)  # another process's exit: no event to wait on
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    return True

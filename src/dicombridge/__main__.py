@@ -1,0 +1,5 @@
+"""``python -m dicombridge``: the same as the ``dicombridge`` command."""
+
+from dicombridge.cli import main
+
+main()

@@ -1,0 +1,161 @@
+"""Delivery of received transfers to the local PACS, with retries, quarantine and receipts.
+
+Every verified transfer in ``incoming/`` is C-STOREd to the local node its sender named
+(the route's node). Success or a PACS warning (0xB000, 0xB006, 0xB007: stored with a
+warning) sends a *stored* receipt and removes the file. A permanent failure (0xA9xx,
+0xCxxx, SOP class or transfer syntax refused, unknown node) moves it to quarantine at
+once and sends a *failed* receipt with the PACS's status and Error Comment. A transient
+failure (PACS down, association aborted, 0xA7xx) is retried with exponential backoff
+and jitter until ``give_up_after_s``, then quarantined the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Final, Protocol
+
+from dicombridge.config import DeliverySection, LocalNode
+from dicombridge.control import Receipt
+from dicombridge.durable import fsync_dir, write_durably
+from dicombridge.keys import utc_now
+from dicombridge.scu import StoreOutcome
+from dicombridge.spool import IncomingTransfer
+
+log = logging.getLogger(__name__)
+
+# No such node at this site: the route at the sender names a node we do not have.
+STATUS_UNKNOWN_NODE: Final = 0xA801
+
+
+class StoreClient(Protocol):
+    """What delivery needs of an SCU: store one file, say how it went (blocking)."""
+
+    def store(self, path: Path) -> StoreOutcome: ...
+
+
+ReceiptSender = Callable[[str, Receipt], Awaitable[None]]
+
+
+class Deliverer:
+    """Delivers incoming transfers one after another; run ``run()`` as a task."""
+
+    def __init__(
+        self,
+        *,
+        local_nodes: dict[str, LocalNode],
+        clients: Callable[[LocalNode], StoreClient],
+        send_receipt: ReceiptSender,
+        quarantine: Path,
+        settings: DeliverySection,
+    ) -> None:
+        self._nodes = local_nodes
+        self._clients = clients
+        self._send_receipt = send_receipt
+        self._quarantine = quarantine
+        self._settings = settings
+        self._queue: asyncio.Queue[IncomingTransfer] = asyncio.Queue()
+        self.stored = 0
+        self.failed = 0
+        self.retries = 0
+
+    def submit(self, incoming: IncomingTransfer) -> None:
+        self._queue.put_nowait(incoming)
+
+    async def run(self) -> None:
+        while True:
+            incoming = await self._queue.get()
+            try:
+                await self._deliver(incoming)
+            finally:
+                self._queue.task_done()
+
+    async def _deliver(self, incoming: IncomingTransfer) -> None:
+        node_name = str(incoming.meta.get("node", ""))
+        node = self._nodes.get(node_name)
+        tid = incoming.transfer_id.hex()
+        if node is None:
+            await self._fail(
+                incoming,
+                STATUS_UNKNOWN_NODE,
+                f"no local node {node_name!r} at this site; check the sender's route",
+            )
+            return
+        client = self._clients(node)
+        started = time.monotonic()
+        delay = self._settings.retry_initial_s
+        while True:
+            outcome = await asyncio.to_thread(client.store, incoming.path)
+            if outcome.is_stored:
+                self.stored += 1
+                log.info(
+                    "instance stored in local node",
+                    extra={
+                        "transfer_id": tid,
+                        "node": node.name,
+                        "status": f"{outcome.status:#06x}",
+                    },
+                )
+                await self._receipt(incoming, "stored", outcome.status, outcome.error_comment)
+                await asyncio.to_thread(incoming.remove)
+                return
+            if not outcome.is_transient:
+                await self._fail(incoming, outcome.status, outcome.error_comment)
+                return
+            if time.monotonic() - started > self._settings.give_up_after_s:
+                await self._fail(
+                    incoming,
+                    outcome.status,
+                    f"gave up after {self._settings.give_up_after_s:.0f} s: "
+                    f"{outcome.error_comment}",
+                )
+                return
+            self.retries += 1
+            log.warning(
+                "local node unavailable; retrying",
+                extra={"transfer_id": tid, "node": node.name, "retry_in_s": round(delay, 2)},
+            )
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 - jitter, not crypto
+            delay = min(delay * 2, self._settings.retry_max_s)
+
+    async def _fail(self, incoming: IncomingTransfer, status: int, comment: str | None) -> None:
+        self.failed += 1
+        await asyncio.to_thread(self._move_to_quarantine, incoming, status, comment)
+        log.warning(
+            "transfer quarantined: local node refused it",
+            extra={"transfer_id": incoming.transfer_id.hex(), "status": f"{status:#06x}"},
+        )
+        await self._receipt(incoming, "failed", status, comment)
+
+    def _move_to_quarantine(
+        self, incoming: IncomingTransfer, status: int, comment: str | None
+    ) -> None:
+        target = self._quarantine / incoming.sender_site / incoming.transfer_id.hex()
+        target.mkdir(parents=True, exist_ok=True)
+        os.replace(incoming.path, target / "instance.dcm")
+        os.replace(incoming.sidecar, target / "transfer.json")
+        reason = {
+            "stage": "delivery",
+            "status": status,
+            "error_comment": comment,
+            "at": utc_now().isoformat(),
+        }
+        write_durably(target / "reason.json", json.dumps(reason).encode())
+        fsync_dir(target)
+
+    async def _receipt(
+        self, incoming: IncomingTransfer, outcome: str, status: int, comment: str | None
+    ) -> None:
+        receipt = Receipt(
+            transfer_id=incoming.transfer_id,
+            outcome="stored" if outcome == "stored" else "failed",
+            status=status,
+            error_comment=comment,
+        )
+        await self._send_receipt(incoming.sender_site, receipt)

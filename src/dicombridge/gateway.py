@@ -1,0 +1,270 @@
+"""One running site: the SCP, the outbox and its publisher, the spool, delivery, receipts.
+
+::
+
+    modality --C-STORE--> scp --admit--> outbox --publish--> broker (bulk, to the route's site)
+    broker (bulk)    --> spool/receiver --> incoming --> delivery --C-STORE--> local PACS
+                                                             \\--> receipt (control, to sender)
+    broker (control) --> receipts --> outbox (stored: entry removed; failed: kept)
+
+Everything runs on one asyncio loop in a ``TaskGroup``; pynetdicom's threads hand work to
+it explicitly. SIGTERM and SIGINT stop accepting, cancel the tasks and close the broker
+connections; anything not finished is on disk and resumes at the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from pathlib import Path
+from typing import Final
+
+from dicombridge.acceptance import AcceptancePolicy
+from dicombridge.config import LocalNode
+from dicombridge.control import RECEIPT, Receipt, open_control, seal_control
+from dicombridge.delivery import Deliverer, StoreClient
+from dicombridge.errors import IntegrityError, OutboxFullError, TransportError
+from dicombridge.identity import LocalSite
+from dicombridge.outbox import Outbox
+from dicombridge.scp import ReceivedInstance, ScpSettings, StorageSCP, StoreOutcome
+from dicombridge.scu import StoreSCU
+from dicombridge.spool import IncomingTransfer, Receiver, ReceiverIdentity
+from dicombridge.transport import Delivery, Transport
+
+log = logging.getLogger(__name__)
+
+PUBLISHERS: Final = 4
+STATUS_SUCCESS: Final = 0x0000
+STATUS_OUT_OF_RESOURCES: Final = 0xA700
+STATUS_SOP_CLASS_NOT_SUPPORTED: Final = 0x0122
+
+
+class Gateway:
+    """A site's gateway; ``await Gateway(site).run()`` until cancelled or signalled."""
+
+    def __init__(self, site: LocalSite) -> None:
+        self.site = site
+        config = site.config
+        root = config.storage.root
+        self.outbox = Outbox(
+            root / "outbox", max_bytes=config.outbox.max_bytes, max_count=config.outbox.max_count
+        )
+        self.receiver = Receiver(
+            root, ReceiverIdentity(site.site_id, site.keys, site.directory), self._on_incoming
+        )
+        self._clients: dict[str, StoreSCU] = {}
+        self.deliverer = Deliverer(
+            local_nodes={n.name: n for n in config.local_nodes},
+            clients=self._client,
+            send_receipt=self._send_receipt,
+            quarantine=root / "quarantine",
+            settings=config.delivery,
+        )
+        self._publish_queue: asyncio.Queue[str] = asyncio.Queue()
+        self._transport: Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.ready = asyncio.Event()
+
+    def _client(self, node: LocalNode) -> StoreClient:
+        if node.name not in self._clients:
+            self._clients[node.name] = StoreSCU(
+                node, calling_ae_title=self.site.config.gateway.ae_title
+            )
+        return self._clients[node.name]
+
+    # --- sending side ---------------------------------------------------------------
+
+    def acceptance_policy(self) -> AcceptancePolicy:
+        """Answer as every route's AE title, and as the gateway's own (Verification only)."""
+        config = self.site.config
+        return AcceptancePolicy.of([config.gateway.ae_title, *(r.ae_title for r in config.routes)])
+
+    def scp_settings(self) -> ScpSettings:
+        gateway = self.site.config.gateway
+        return ScpSettings(
+            host=gateway.host,
+            port=gateway.port,
+            maximum_associations=gateway.maximum_associations,
+            maximum_pdu_size=gateway.maximum_pdu_bytes,
+            acse_timeout_s=gateway.acse_timeout_s,
+            dimse_timeout_s=gateway.dimse_timeout_s,
+            network_timeout_s=gateway.network_timeout_s,
+        )
+
+    async def on_instance(self, instance: ReceivedInstance) -> StoreOutcome:
+        """The SCP received an instance for a route: seal it into the outbox, then answer.
+
+        Success is answered only once the sealed transfer is fsynced in the outbox.
+        """
+        config = self.site.config
+        route = config.route(instance.called_ae_title)
+        if route is None:
+            # The gateway's own AE title: it relays nothing, Verification only.
+            return StoreOutcome(
+                STATUS_SOP_CLASS_NOT_SUPPORTED,
+                f"{instance.called_ae_title} relays nothing; send to a route's AE title",
+            )
+        meta = {
+            "node": route.node,
+            "sop_class_uid": instance.sop_class_uid,
+            "sop_instance_uid": instance.sop_instance_uid,
+            "transfer_syntax_uid": instance.transfer_syntax,
+            "calling_ae_title": instance.calling_ae_title,
+            "called_ae_title": instance.called_ae_title,
+        }
+        try:
+            sealed = await asyncio.to_thread(
+                self.outbox.admit,
+                instance.path,
+                sender=self.site.sender,
+                directory=self.site.directory,
+                site=route.site,
+                fragment_size=config.transfer.fragment_size_bytes,
+                meta=meta,
+            )
+        except OutboxFullError as exc:
+            log.warning("outbox full; C-STORE refused", extra={"reason": str(exc)})
+            return StoreOutcome(
+                STATUS_OUT_OF_RESOURCES,
+                "dicombridge outbox full (broker unreachable or slow); retry later",
+            )
+        self._publish_queue.put_nowait(sealed.transfer_id_hex)
+        log.info(
+            "instance admitted to outbox",
+            extra={"transfer_id": sealed.transfer_id_hex, "to_site": route.site},
+        )
+        return StoreOutcome(STATUS_SUCCESS, None)
+
+    async def _publisher(self) -> None:
+        assert self._transport is not None
+        while True:
+            transfer_id = await self._publish_queue.get()
+            entry = self.outbox.get(transfer_id)
+            if entry is None or entry.published:
+                continue
+            delay = 1.0
+            while True:
+                try:
+                    await self._transport.publish_transfer(entry.transfer)
+                    break
+                except TransportError as exc:
+                    log.warning(
+                        "publish failed; retrying",
+                        extra={"transfer_id": transfer_id, "error": type(exc).__name__},
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+            await asyncio.to_thread(self.outbox.mark_published, transfer_id)
+
+    # --- receiving side -------------------------------------------------------------
+
+    async def _on_incoming(self, incoming: IncomingTransfer) -> None:
+        self.deliverer.submit(incoming)
+
+    async def _send_receipt(self, to_site: str, receipt: Receipt) -> None:
+        assert self._transport is not None
+        message_id, body = seal_control(
+            receipt.to_document(),
+            sender=self.site.sender,
+            directory=self.site.directory,
+            recipient_site=to_site,
+        )
+        delay = 1.0
+        for _attempt in range(8):
+            try:
+                await self._transport.publish("control", to_site, body, message_id=message_id)
+                return
+            except TransportError as exc:
+                log.warning("receipt not published; retrying", extra={"error": type(exc).__name__})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        log.error("receipt dropped after retries", extra={"transfer_id": receipt.transfer_id.hex()})
+
+    async def _on_control(self, delivery: Delivery) -> None:
+        message = open_control(
+            delivery.body,
+            from_site=delivery.sender_site,
+            site_id=self.site.site_id,
+            keys=self.site.keys,
+            directory=self.site.directory,
+        )
+        if message.type != RECEIPT:
+            raise IntegrityError(f"unknown control message type {message.type!r}")
+        receipt = Receipt.from_document(message.document)
+        entry = await asyncio.to_thread(
+            self.outbox.record_receipt, receipt, from_site=message.sender_site
+        )
+        log.info(
+            "receipt",
+            extra={
+                "transfer_id": receipt.transfer_id.hex(),
+                "from_site": message.sender_site,
+                "outcome": receipt.outcome,
+                "status": f"{receipt.status:#06x}",
+                "known": entry is not None,
+            },
+        )
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def run(self, *, scp_started: asyncio.Event | None = None) -> None:
+        """Serve until cancelled (or SIGTERM/SIGINT when run from the CLI)."""
+        config = self.site.config
+        self._loop = asyncio.get_running_loop()
+        for entry in self.outbox.entries():
+            if not entry.published:
+                self._publish_queue.put_nowait(entry.transfer.transfer_id_hex)
+        for incoming in self.receiver.pending():
+            self.deliverer.submit(incoming)
+        async with (
+            Transport(
+                amqp_url=config.amqp_url(),
+                site_id=self.site.site_id,
+                broker_user=config.broker.user,
+                directory=self.site.directory,
+                max_in_flight_bytes=config.transfer.max_in_flight_bytes,
+                max_in_flight_messages=config.transfer.max_in_flight_messages,
+                connect_timeout_s=config.broker.connect_timeout_s,
+            ) as transport,
+            StorageSCP(
+                policy=self.acceptance_policy(),
+                on_store=self.on_instance,
+                settings=self.scp_settings(),
+            ) as scp,
+        ):
+            self._transport = transport
+            try:
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(transport.consume("bulk", self.receiver.handle))
+                    group.create_task(transport.consume("control", self._on_control))
+                    group.create_task(self.deliverer.run())
+                    for _ in range(PUBLISHERS):
+                        group.create_task(self._publisher())
+                    self.ready.set()
+                    if scp_started is not None:
+                        scp_started.set()
+                    log.info(
+                        "gateway ready",
+                        extra={"site": self.site.site_id, "port": scp.port},
+                    )
+            finally:
+                for client in self._clients.values():
+                    await asyncio.to_thread(client.close)
+
+
+def run_gateway(config_path: Path) -> None:
+    """Load the site and serve until SIGTERM or SIGINT (the CLI's ``gateway run``)."""
+    site = LocalSite.load(config_path)
+
+    async def main() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await Gateway(site).run()
+
+    asyncio.run(main())
