@@ -219,8 +219,32 @@ def gateway_run(config: ConfigOption = Path("gateway.toml")) -> None:
     run_gateway(config)
 
 
+_RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+
+
+class _FieldsFormatter(logging.Formatter):
+    """One line per record: time, level, logger, message, then the ``extra`` fields.
+
+    Log calls pass UIDs, sizes and statuses as ``extra`` fields, never PHI.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = {k: v for k, v in vars(record).items() if k not in _RECORD_FIELDS}
+        if fields:
+            line += " " + " ".join(f"{k}={v}" for k, v in fields.items())
+        return line
+
+
 def _configure_gateway_logging() -> None:
-    logging.getLogger().setLevel(logging.INFO)
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for handler in root.handlers:
+        handler.setFormatter(_FieldsFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     # pynetdicom logs every PDU at INFO; keep its warnings and errors only.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 

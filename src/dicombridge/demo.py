@@ -1,187 +1,153 @@
-"""``make demo``: a DICOM file crosses a real RabbitMQ broker, sealed for its recipient.
+"""``make demo``: a study crosses the bridge from hospital A's modality to hospital B's PACS.
 
-Starts a broker on loopback, makes an operator and two sites (hosp-a, hosp-b), provisions
-the broker, seals one of pydicom's sample CT files at hosp-a for hosp-b, publishes it,
-receives, verifies and decrypts it at hosp-b, compares the bytes, and shows what the
-broker saw. Everything is stopped at the end.
+Starts a two-site sandbox (a RabbitMQ node, an Orthanc PACS and a gateway per site),
+makes a small CT study with fresh UIDs, sends it with DCMTK's ``storescu`` to site A's
+gateway under the AE title that stands for site B, waits until B's Orthanc holds every
+instance, compares what arrived, shows what the broker saw, and stops everything.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import hashlib
-import shutil
+import os
+import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-import aio_pika
+import httpx
 import pydicom
 from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
 
-from dicombridge.fragments import Recipient, seal_file
-from dicombridge.keys import newest_valid, utc_now
-from dicombridge.sandbox import BrokerNode, Federation, create_federation
-from dicombridge.spool import IncomingTransfer, Receiver, ReceiverIdentity
-from dicombridge.topology import exchange_name
-from dicombridge.transport import Transport
+from dicombridge import sandbox
 
-TAP_QUEUE = "demo.operator-tap"
+STUDY_SIZE = 12
 
 
 def say(text: str = "") -> None:
     print(text, flush=True)
 
 
-def phi_markers(path: Path) -> dict[str, bytes]:
-    """The identifying values in the sample file that must never be visible on the broker."""
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    markers = {
-        "PatientName": str(ds.PatientName).encode(),
-        "PatientID": str(ds.PatientID).encode(),
-        "StudyInstanceUID": str(ds.StudyInstanceUID).encode(),
-        "SeriesInstanceUID": str(ds.SeriesInstanceUID).encode(),
-        "SOPInstanceUID": str(ds.SOPInstanceUID).encode(),
-        "SHA-256": hashlib.sha256(path.read_bytes()).hexdigest().encode(),
-    }
-    return {k: v for k, v in markers.items() if v}
+def make_study(folder: Path, count: int) -> list[Path]:
+    """``count`` CT instances of one new study (pydicom's CT_small with fresh UIDs)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    template = pydicom.dcmread(str(get_testdata_file("CT_small.dcm")))
+    study, series = generate_uid(), generate_uid()
+    paths = []
+    for number in range(1, count + 1):
+        ds = template.copy()
+        ds.PatientName = "DEMO^BRIDGE"
+        ds.PatientID = "DEMO-0001"
+        ds.StudyInstanceUID = study
+        ds.SeriesInstanceUID = series
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = number
+        path = folder / f"ct{number:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
 
 
-async def relay(federation: Federation, broker: BrokerNode, source: Path) -> None:
-    site_a = federation.site("hosp-a")
-    site_b = federation.site("hosp-b")
+def wait_for_instances(rest_url: str, count: int, *, timeout_s: float = 60) -> list[str]:
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(base_url=rest_url, timeout=10) as client:
+        while time.monotonic() < deadline:
+            ids: list[str] = client.get("/instances").json()
+            if len(ids) >= count:
+                return ids
+            time.sleep(0.2)  # Orthanc offers no change feed we could block on here
+    raise SystemExit(
+        f"demo failed: B's PACS holds fewer than {count} instances after {timeout_s} s"
+    )
 
-    # What the cloud operator can see: an admin's extra queue on hosp-b's exchange.
-    admin = await aio_pika.connect(broker.admin_amqp_url(federation.vhost))
-    async with admin:
-        channel = await admin.channel()
-        tap = await channel.declare_queue(TAP_QUEUE, durable=False, auto_delete=False)
-        await tap.bind(exchange_name("hosp-b"), routing_key="#")
 
-        entry_b = site_a.directory.site("hosp-b")
-        assert entry_b is not None
-        kem_key = newest_valid(entry_b.kem_public_keys(), utc_now())
-        assert kem_key is not None
-        outbox = site_a.config.storage.root / "outbox"
-        outbox.mkdir(parents=True, exist_ok=True)
-        started = time.perf_counter()
-        sealed = seal_file(
-            source,
-            outbox,
-            sender=site_a.sender,
-            recipient=Recipient("hosp-b", kem_key),
-            fragment_size=16 * 1024,  # small, so that this small file travels as several
-        )
+def show_broker(started: dict[str, Any]) -> None:
+    broker = started["broker"]
+    node = sandbox.BrokerNode.from_workdir(Path(broker["workdir"]))
+    deadline = time.monotonic() + 20
+    with node.management() as client:
+        # The management API's counters trail by a statistics interval: wait for them.
+        while True:
+            queues = client.list_queues(broker["vhost"])
+            counted = sum(q.get("message_stats", {}).get("publish", 0) for q in queues)
+            if counted or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    say("what the broker holds and has carried (management API; bodies are sealed):")
+    for queue in sorted(queues, key=lambda q: q["name"]):
+        stats = queue.get("message_stats", {})
         say(
-            f"[hosp-a] sealed {source.name} ({sealed.total_length} bytes) as transfer "
-            f"{sealed.transfer_id_hex}: 1 manifest + {sealed.fragment_count} fragments, "
-            f"sealed for hosp-b key {kem_key.key_id[:12]}"
+            f"  {queue['name']:<30} published {stats.get('publish', 0):>4}  "
+            f"delivered {stats.get('deliver_get', 0):>4}  waiting {queue.get('messages', 0)}"
         )
-
-        arrived: asyncio.Future[IncomingTransfer] = asyncio.get_running_loop().create_future()
-
-        async def on_transfer(incoming: IncomingTransfer) -> None:
-            if not arrived.done():
-                arrived.set_result(incoming)
-
-        receiver = Receiver(
-            site_b.config.storage.root,
-            ReceiverIdentity(site_b.site_id, site_b.keys, site_b.directory),
-            on_transfer,
-        )
-        async with (
-            Transport(
-                amqp_url=site_a.config.amqp_url(),
-                site_id="hosp-a",
-                broker_user=site_a.config.broker.user,
-                directory=site_a.directory,
-            ) as transport_a,
-            Transport(
-                amqp_url=site_b.config.amqp_url(),
-                site_id="hosp-b",
-                broker_user=site_b.config.broker.user,
-                directory=site_b.directory,
-            ) as transport_b,
-        ):
-            consumer = asyncio.create_task(transport_b.consume("bulk", receiver.handle))
-            published = await transport_a.publish_transfer(sealed)
-            say(f"[hosp-a] published {published} bytes to {exchange_name('hosp-b')}, all confirmed")
-            incoming = await asyncio.wait_for(arrived, timeout=60)
-            path = incoming.path
-            consumer.cancel()
-        elapsed = time.perf_counter() - started
-        sent, received = await asyncio.to_thread(lambda: (source.read_bytes(), path.read_bytes()))
-        same = sent == received
-        say(
-            f"[hosp-b] verified and decrypted transfer {incoming.transfer_id.hex()} from "
-            f"{incoming.sender_site} in {elapsed * 1000:.0f} ms"
-        )
-        say(f"[hosp-b] SHA-256 sent     {hashlib.sha256(sent).hexdigest()}")
-        say(f"[hosp-b] SHA-256 received {hashlib.sha256(received).hexdigest()}")
-        say(f"[hosp-b] bytes identical: {'yes' if same else 'NO'}")
-        if not same:
-            raise SystemExit("demo failed: the received bytes differ")
-
-        say()
-        say("what the broker saw (the operator's tap on hosp-b's exchange):")
-        say(f"  {'routing key':<14} {'message id':<38} {'user_id':<8} {'bytes':>8}")
-        bodies = []
-        while (message := await tap.get(no_ack=True, fail=False)) is not None:
-            bodies.append(message.body + repr(message.properties).encode())
-            say(
-                f"  {message.routing_key or '':<14} {message.message_id or '':<38} "
-                f"{message.user_id or '':<8} {len(message.body):>8}"
-            )
-        found = [
-            name for name, marker in phi_markers(source).items() if any(marker in b for b in bodies)
-        ]
-        say(
-            f"  searched {len(bodies)} messages for {', '.join(phi_markers(source))}: "
-            + ("none found" if not found else f"FOUND {found}")
-        )
-        if found:
-            raise SystemExit("demo failed: identifying data visible on the broker")
-        await tap.delete(if_unused=False, if_empty=False)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workdir", type=Path, help="keep everything here (default: temporary)")
     args = parser.parse_args()
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dicombridge-demo-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    source = workdir / "CT_small.dcm"
-    shutil.copyfile(str(get_testdata_file("CT_small.dcm")), source)
+    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="dicombridge-demo-"))).resolve()
 
-    say(f"starting a RabbitMQ node on loopback in {workdir / 'broker'} ...")
-    broker = BrokerNode.start(workdir / "broker")
+    say(f"starting a two-site sandbox in {workdir} (RabbitMQ, 2 Orthanc, 2 gateways) ...")
+    started = sandbox.sandbox_up(workdir, sites=2)
     try:
+        site_a, site_b = started["sites"]
+        gateway = site_a["gateway"]
+        route = site_a["routes"]["site-b"]
         say(
-            f"  node {broker.node}: AMQP 127.0.0.1:{broker.amqp_port}, "
-            f"management :{broker.mgmt_port}"
+            f"  site-a gateway {gateway['ae_title']} on 127.0.0.1:{gateway['port']}; "
+            f"AE title {route} there stands for site-b's PACS"
         )
-        federation = create_federation(
-            workdir / "federation", broker=broker, site_ids=["hosp-a", "hosp-b"], vhost="demo"
+        say(f"  site-b PACS {site_b['pacs']['ae_title']} (Orthanc, {site_b['pacs']['rest_url']})")
+        study = make_study(workdir / "study", STUDY_SIZE)
+        say()
+        say(f"modality at site-a: storescu of {len(study)} CT instances to {route} ...")
+        began = time.monotonic()
+        subprocess.run(
+            [
+                "/usr/bin/storescu",
+                "-aet",
+                "MODALITY",
+                "-aec",
+                route,
+                "127.0.0.1",
+                str(gateway["port"]),
+                *map(str, study),
+            ],
+            check=True,
+            env={**os.environ, "TCP_NODELAY": "1"},
+            timeout=120,
         )
-        say(
-            "federation 'demo': operator key made, sites hosp-a and hosp-b initialised, "
-            "directory signed (version 1), broker provisioned:"
-        )
-        with broker.management() as client:
-            for queue in client.list_queues("demo"):
-                args_ = queue.get("arguments", {})
-                say(
-                    f"  queue {queue['name']:<28} {args_.get('x-queue-type', 'classic'):<8} "
-                    f"max {args_.get('x-max-length-bytes', '-')} bytes, "
-                    f"delivery limit {args_.get('x-delivery-limit', '-')}"
+        elapsed = time.monotonic() - began
+        say(f"  every C-STORE answered success by site-a's gateway ({elapsed:.2f} s)")
+        ids = wait_for_instances(site_b["pacs"]["rest_url"], len(study))
+        elapsed = time.monotonic() - began
+        say(f"  all {len(ids)} instances are in site-b's PACS {elapsed:.2f} s after the first send")
+        sent = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in study}
+        same = 0
+        with httpx.Client(base_url=site_b["pacs"]["rest_url"], timeout=30) as client:
+            for orthanc_id in ids:
+                data = client.get(f"/instances/{orthanc_id}/file").content
+                received = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data))
+                original = pydicom.dcmread(sent[received.SOPInstanceUID])
+                same += (
+                    original.PixelData == received.PixelData
+                    and original.PatientName == received.PatientName
                 )
+        say(f"  {same}/{len(ids)} instances match what the modality sent (pixel data and patient)")
         say()
-        asyncio.run(relay(federation, broker, source))
+        show_broker(started)
+        say("  the broker saw only sealed bytes: no name, id or UID (see docs/wire.md)")
+        if same != len(study):
+            raise SystemExit("demo failed: instances differ")
     finally:
-        broker.stop()
         say()
-        say(f"broker stopped; files kept in {workdir}")
+        for line in sandbox.sandbox_down(workdir):
+            say(f"stopped {line}")
+        say(f"files kept in {workdir}")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,13 @@ from dicombridge.errors import SandboxError
 from dicombridge.keys import SiteKeys
 from dicombridge.management import ManagementClient
 from dicombridge.operator import SIGNED, OperatorWorkspace
-from dicombridge.orthanc import DicomModality, OrthancServer, OrthancSettings, free_port
+from dicombridge.orthanc import (
+    DicomModality,
+    OrthancServer,
+    OrthancSettings,
+    free_port,
+    is_listening,
+)
 from dicombridge.topology import Limits, Permission, build_definitions
 
 BROKER_SCRIPTS: Final = Path(__file__).resolve().parents[2] / "broker"
@@ -267,7 +273,7 @@ def _wait_gateway(
         if process.poll() is not None:
             tail = log_path.read_text(errors="replace")[-3000:]
             raise SandboxError(f"gateway exited with {process.returncode}:\n{tail}")
-        if _echo("127.0.0.1", port, ae_title, timeout_s=2.0):
+        if is_listening(port) and _echo("127.0.0.1", port, ae_title, timeout_s=2.0):
             return
         time.sleep(0.2)  # polling a child process's port: no event to wait on
     raise SandboxError(f"gateway on port {port} not ready after {timeout_s:.0f} s; see {log_path}")
