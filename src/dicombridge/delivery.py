@@ -12,6 +12,7 @@ and jitter until ``give_up_after_s``, then quarantined the same way.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -32,6 +33,14 @@ log = logging.getLogger(__name__)
 
 # No such node at this site: the route at the sender names a node we do not have.
 STATUS_UNKNOWN_NODE: Final = 0xA801
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class StoreClient(Protocol):
@@ -62,6 +71,8 @@ class Deliverer:
         self._settings = settings
         self._queue: asyncio.Queue[IncomingTransfer] = asyncio.Queue()
         self.stored = 0
+        # transfer id -> SHA-256 of the file stored in the local node (in memory only).
+        self.stored_sha256: dict[str, str] = {}
         self.failed = 0
         self.retries = 0
 
@@ -94,6 +105,7 @@ class Deliverer:
             outcome = await asyncio.to_thread(client.store, incoming.path)
             if outcome.is_stored:
                 self.stored += 1
+                self.stored_sha256[tid] = await asyncio.to_thread(_sha256_of, incoming.path)
                 log.info(
                     "instance stored in local node",
                     extra={

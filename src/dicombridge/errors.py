@@ -25,7 +25,10 @@ enter (``raise X from exc``), never passed through.
     │   └── PermissionDeniedError         the broker refused an operation (permanent)
     ├── OutboxFullError             the outbox reached a cap: answer 0xA700 (transient)
     ├── ProvisionError              provisioning through the management API failed
-    └── SandboxError                the local sandbox could not start or stop
+    ├── SandboxError                the local sandbox could not start or stop
+    │   └── OrthancError                  a sandbox/test Orthanc's REST API failed
+    ├── DependencyVersionError      a pinned library whose internals we hook has another version
+    └── DicomServiceError           the hospital-facing DICOM service could not start
 
 At the DICOM boundary these become DIMSE statuses, never exceptions.
 """
@@ -122,3 +125,15 @@ class ProvisionError(BridgeError):
 
 class SandboxError(BridgeError):
     """The local sandbox (broker node, PACS, gateways) could not start or stop."""
+
+
+class OrthancError(SandboxError):
+    """The REST API of an Orthanc started for the sandbox or tests failed or was unreachable."""
+
+
+class DependencyVersionError(BridgeError):
+    """A library whose internals dicombridge hooks (pynetdicom) is not the pinned version."""
+
+
+class DicomServiceError(BridgeError):
+    """The hospital-facing DICOM service (the SCP) could not start, e.g. its port is taken."""

@@ -14,6 +14,7 @@ a republish after a crash sends the same bytes)::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -66,6 +67,9 @@ class SealedTransfer:
     fragment_size: int
     fragment_count: int
     total_length: int
+    # SHA-256 of the plaintext, known only to the process that sealed it (never on disk
+    # in clear, never on the wire in clear): for the gateway's byte-identity figures.
+    plaintext_sha256: bytes | None = dataclasses.field(default=None, compare=False)
 
     @property
     def transfer_id_hex(self) -> str:
@@ -200,4 +204,4 @@ def seal_file(
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    return SealedTransfer.load(target)
+    return dataclasses.replace(SealedTransfer.load(target), plaintext_sha256=digest.digest())

@@ -66,6 +66,9 @@ class Gateway:
         self._transport: Transport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.ready = asyncio.Event()
+        # transfer id -> SHA-256 of the instance as received from the modality (in memory
+        # only: a figure for byte identity, compared with the receiver's stored_sha256).
+        self.received_sha256: dict[str, str] = {}
 
     def _client(self, node: LocalNode) -> StoreClient:
         if node.name not in self._clients:
@@ -130,6 +133,8 @@ class Gateway:
                 STATUS_OUT_OF_RESOURCES,
                 "dicombridge outbox full (broker unreachable or slow); retry later",
             )
+        if sealed.plaintext_sha256 is not None:
+            self.received_sha256[sealed.transfer_id_hex] = sealed.plaintext_sha256.hex()
         self._publish_queue.put_nowait(sealed.transfer_id_hex)
         log.info(
             "instance admitted to outbox",
