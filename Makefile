@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := rabbitmq-server dcmtk orthanc
 
-.PHONY: help deps venv lint typecheck test test-unit test-integration demo clean
+.PHONY: help deps venv lint typecheck test test-unit demo bench clean
 
 help:
 	@echo "make demo   set up what is missing and show a DICOM file crossing the bridge"
@@ -29,8 +29,8 @@ $(BIN)/dicombridge: pyproject.toml
 venv: $(BIN)/dicombridge
 
 lint: venv
-	$(BIN)/ruff format --check src tests
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench
 
 typecheck: venv
 	$(BIN)/mypy
@@ -43,6 +43,10 @@ test-unit: venv
 
 demo: deps venv
 	$(BIN)/python -m dicombridge.demo
+
+# Figures, never asserted in tests: printed and written to bench-results/.
+bench: deps venv
+	$(BIN)/python bench/transfer_core.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
