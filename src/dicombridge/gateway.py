@@ -19,7 +19,7 @@ import contextlib
 import logging
 import signal
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from dicombridge.acceptance import AcceptancePolicy
 from dicombridge.config import LocalNode
@@ -52,7 +52,10 @@ class Gateway:
             root / "outbox", max_bytes=config.outbox.max_bytes, max_count=config.outbox.max_count
         )
         self.receiver = Receiver(
-            root, ReceiverIdentity(site.site_id, site.keys, site.directory), self._on_incoming
+            root,
+            ReceiverIdentity(site.site_id, site.keys, site.directory),
+            self._on_incoming,
+            on_duplicate=self._resend_receipt,
         )
         self._clients: dict[str, StoreSCU] = {}
         self.deliverer = Deliverer(
@@ -168,7 +171,24 @@ class Gateway:
     async def _on_incoming(self, incoming: IncomingTransfer) -> None:
         self.deliverer.submit(incoming)
 
+    async def _resend_receipt(
+        self, to_site: str, transfer_id: bytes, document: dict[str, Any]
+    ) -> None:
+        receipt = Receipt.from_document({**document, "type": RECEIPT})
+        log.info(
+            "receipt sent again for a re-sent transfer", extra={"transfer_id": transfer_id.hex()}
+        )
+        await self._publish_receipt(to_site, receipt)
+
     async def _send_receipt(self, to_site: str, receipt: Receipt) -> None:
+        """Send a receipt for a delivered (or given-up) transfer and remember it."""
+        # Recorded first: if publishing fails, the sender's re-send gets it again.
+        await asyncio.to_thread(
+            self.receiver.record_receipt, to_site, receipt.transfer_id, receipt.to_document()
+        )
+        await self._publish_receipt(to_site, receipt)
+
+    async def _publish_receipt(self, to_site: str, receipt: Receipt) -> None:
         assert self._transport is not None
         message_id, body = seal_control(
             receipt.to_document(),

@@ -94,6 +94,8 @@ class IncomingTransfer:
 
 
 TransferHandler = Callable[[IncomingTransfer], Awaitable[None]]
+# Called when a transfer that is already done arrives again, with the receipt sent for it.
+DuplicateHandler = Callable[[str, bytes, dict[str, Any]], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -263,7 +265,12 @@ class Receiver:
     """Handles bulk deliveries: spool, assemble when whole, quarantine what fails."""
 
     def __init__(
-        self, root: Path, identity: ReceiverIdentity, on_transfer: TransferHandler
+        self,
+        root: Path,
+        identity: ReceiverIdentity,
+        on_transfer: TransferHandler,
+        *,
+        on_duplicate: DuplicateHandler | None = None,
     ) -> None:
         self.identity = identity
         self.spool = Spool(root / "spool")
@@ -273,11 +280,27 @@ class Receiver:
         for path in (self.incoming, self.quarantine, self.done):
             path.mkdir(parents=True, exist_ok=True)
         self._on_transfer = on_transfer
+        self._on_duplicate = on_duplicate
         self.duplicates_dropped = 0
         self.quarantined = 0
 
     def _done_marker(self, sender_site: str, transfer_id: bytes) -> Path:
         return self.done / sender_site / transfer_id.hex()
+
+    def record_receipt(self, sender_site: str, transfer_id: bytes, receipt: dict[str, Any]) -> None:
+        """Keep the receipt sent for a done transfer, to send again if the sender re-sends."""
+        marker = self._done_marker(sender_site, transfer_id)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        document = {"at": utc_now().isoformat(), "receipt": receipt}
+        write_durably(marker, json.dumps(document).encode())
+
+    def _recorded_receipt(self, marker: Path) -> dict[str, Any] | None:
+        try:
+            document = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None  # done, but delivery not finished yet (or a pre-receipt marker)
+        receipt = document.get("receipt") if isinstance(document, dict) else None
+        return receipt if isinstance(receipt, dict) else None
 
     async def handle(self, delivery: Delivery) -> None:
         """Store one delivery durably; if it completes a transfer, open and hand it on."""
@@ -285,9 +308,16 @@ class Receiver:
         sender = delivery.sender_site
         if header.kind not in (Kind.MANIFEST, Kind.FRAGMENT):
             raise EnvelopeError(f"{header.kind.name} message on the bulk plane")
-        if self._done_marker(sender, header.message_id).exists():
+        marker = self._done_marker(sender, header.message_id)
+        if marker.exists():
             self.duplicates_dropped += 1
             log.info("duplicate dropped", extra={"transfer_id": header.id_hex})
+            # A re-sent transfer means the sender lacks our receipt: send it again, once
+            # per re-send (on its manifest), not once per fragment.
+            if header.kind is Kind.MANIFEST and self._on_duplicate is not None:
+                receipt = await asyncio.to_thread(self._recorded_receipt, marker)
+                if receipt is not None:
+                    await self._on_duplicate(sender, header.message_id, receipt)
             return
         state = await asyncio.to_thread(self.spool.put, sender, delivery.body)
         if header.kind is Kind.MANIFEST and state.fragment_count is None:

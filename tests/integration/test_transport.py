@@ -273,3 +273,39 @@ async def test_garbage_body_is_dead_lettered_and_consumer_goes_on(
         message = await dead.get(no_ack=True, fail=False)
         assert message is not None
         assert message.body == b"not a dicombridge message"
+
+
+async def test_resent_transfer_gets_its_receipt_again(
+    federation: Federation, tmp_path: Path
+) -> None:
+    """A transfer re-sent after it was done is dropped, and its recorded receipt handed back."""
+    site_b = federation.site("hosp-b")
+    inbox = Inbox()
+    again: list[tuple[str, bytes, dict[str, object]]] = []
+    arrived_again = asyncio.Event()
+
+    async def on_duplicate(sender: str, transfer_id: bytes, receipt: dict[str, object]) -> None:
+        again.append((sender, transfer_id, receipt))
+        arrived_again.set()
+
+    receiver = Receiver(
+        site_b.config.storage.root,
+        ReceiverIdentity(site_b.site_id, site_b.keys, site_b.directory),
+        inbox.on_transfer,
+        on_duplicate=on_duplicate,
+    )
+    source = tmp_path / "r.bin"
+    source.write_bytes(os.urandom(150_000))
+    site_a = federation.site("hosp-a")
+    sealed = seal_for(site_a, "hosp-b", source, 64 * 1024)
+    async with transport(site_b) as link_b, transport(site_a) as link_a:
+        consumer = asyncio.create_task(link_b.consume("bulk", receiver.handle))
+        await link_a.publish_transfer(sealed)
+        await inbox.wait_for(1)
+        receipt = {"outcome": "stored", "status": 0, "transfer_id": sealed.transfer_id_hex}
+        receiver.record_receipt("hosp-a", sealed.transfer_id, receipt)
+        await link_a.publish_transfer(sealed)
+        await asyncio.wait_for(arrived_again.wait(), timeout=30)
+        consumer.cancel()
+    assert again == [("hosp-a", sealed.transfer_id, receipt)]
+    assert len(inbox.received) == 1
