@@ -22,6 +22,8 @@ from dicombridge.errors import BridgeError, ConfigError
 from dicombridge.keys import SiteKeys
 from dicombridge.management import ManagementClient
 from dicombridge.operator import OperatorWorkspace
+from dicombridge.outbox import Outbox
+from dicombridge.quarantine import Quarantine
 from dicombridge.topology import Limits, PlaneLimits, build_definitions
 
 app = typer.Typer(
@@ -48,6 +50,14 @@ sandbox_app = typer.Typer(
     help="A local federation to try things out: broker, PACS and gateways.", no_args_is_help=True
 )
 app.add_typer(gateway_app, name="gateway")
+quarantine_app = typer.Typer(
+    help="Transfers set aside at this site: list, show, retry, purge.", no_args_is_help=True
+)
+outbox_app = typer.Typer(
+    help="Instances waiting for the recipient's receipt.", no_args_is_help=True
+)
+app.add_typer(quarantine_app, name="quarantine")
+app.add_typer(outbox_app, name="outbox")
 app.add_typer(sandbox_app, name="sandbox")
 
 ConfigOption = Annotated[
@@ -280,6 +290,126 @@ def sandbox_down(workdir: WorkdirOption) -> None:
 
     for line in sandbox.sandbox_down(workdir):
         _out(f"stopped {line}")
+
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+EntryArgument = Annotated[str, typer.Argument(help="A transfer id (a unique prefix will do).")]
+
+
+def _quarantine(config: Path) -> Quarantine:
+    return Quarantine(site_config.load(config).storage.root)
+
+
+def _table(rows: list[dict[str, object]], columns: list[str]) -> None:
+    if not rows:
+        _out("(none)")
+        return
+    widths = {
+        c: max(len(c), *(len(str(r.get(c) if r.get(c) is not None else "-")) for r in rows))
+        for c in columns
+    }
+    _out("  ".join(c.upper().ljust(widths[c]) for c in columns))
+    for row in rows:
+        cells = (str(row.get(c) if row.get(c) is not None else "-") for c in columns)
+        _out("  ".join(cell.ljust(widths[c]) for c, cell in zip(columns, cells, strict=True)))
+
+
+@quarantine_app.command("list")
+def quarantine_list(
+    config: ConfigOption = Path("gateway.toml"), as_json: JsonOption = False
+) -> None:
+    """Every quarantined transfer: id, sender, stage, status, when."""
+    rows = [e.summary() for e in _quarantine(config).entries()]
+    if as_json:
+        _out(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        row["id"] = str(row["id"])[:12]
+    _table(rows, ["id", "from_site", "stage", "status", "error", "at", "size_bytes"])
+
+
+@quarantine_app.command("show")
+def quarantine_show(
+    entry: EntryArgument, config: ConfigOption = Path("gateway.toml"), as_json: JsonOption = False
+) -> None:
+    """One quarantined transfer: why it is there, and its files."""
+    found = _quarantine(config).get(entry)
+    details = {**found.summary(), "files": sorted(p.name for p in found.path.iterdir())}
+    if as_json:
+        _out(json.dumps(details, indent=2))
+        return
+    for key, value in details.items():
+        _out(f"{key:<14} {value}")
+
+
+@quarantine_app.command("retry")
+def quarantine_retry(
+    entry: Annotated[str | None, typer.Argument(help="A transfer id (or use --all).")] = None,
+    retry_all: Annotated[bool, typer.Option("--all", help="Retry every entry.")] = False,
+    config: ConfigOption = Path("gateway.toml"),
+) -> None:
+    """Give quarantined transfers another chance (after fixing the PACS or the key)."""
+    quarantine = _quarantine(config)
+    if retry_all == (entry is not None):
+        raise ConfigError("(command line)", "ID", "give one id or --all", "see --help")
+    targets = quarantine.entries() if retry_all else [quarantine.get(str(entry))]
+    for found in targets:
+        _out(f"{found.transfer_id[:12]}: {quarantine.retry(found)}")
+
+
+@quarantine_app.command("purge")
+def quarantine_purge(entry: EntryArgument, config: ConfigOption = Path("gateway.toml")) -> None:
+    """Delete a quarantined transfer for good (it holds PHI)."""
+    quarantine = _quarantine(config)
+    found = quarantine.get(entry)
+    quarantine.purge(found)
+    _out(f"{found.transfer_id[:12]}: purged")
+
+
+@outbox_app.command("list")
+def outbox_list(config: ConfigOption = Path("gateway.toml"), as_json: JsonOption = False) -> None:
+    """Instances sealed here and not yet confirmed stored by their recipient."""
+    cfg = site_config.load(config)
+    outbox = Outbox(
+        cfg.storage.root / "outbox", max_bytes=cfg.outbox.max_bytes, max_count=cfg.outbox.max_count
+    )
+    rows: list[dict[str, object]] = []
+    for item in outbox.entries():
+        receipt = item.state.get("receipt") or {}
+        rows.append(
+            {
+                "id": item.transfer.transfer_id_hex,
+                "to_site": item.site,
+                "size_bytes": item.transfer.total_length,
+                "created_at": item.state.get("created_at"),
+                "published": "yes" if item.published else "no",
+                "attempts": item.state.get("attempts", 0),
+                "last_receipt": receipt.get("outcome"),
+                "status": f"{receipt['status']:#06x}" if "status" in receipt else None,
+            }
+        )
+    if as_json:
+        _out(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        row["id"] = str(row["id"])[:12]
+    _table(
+        rows,
+        [
+            "id",
+            "to_site",
+            "size_bytes",
+            "created_at",
+            "published",
+            "attempts",
+            "last_receipt",
+            "status",
+        ],
+    )
+    _out(
+        f"{outbox.count} transfer(s), {outbox.used_bytes} bytes "
+        f"(caps {outbox.max_count} transfers, {outbox.max_bytes} bytes)"
+    )
 
 
 def _admin_password(path: Path | None) -> SecretStr:

@@ -70,6 +70,7 @@ class Deliverer:
         self._quarantine = quarantine
         self._settings = settings
         self._queue: asyncio.Queue[IncomingTransfer] = asyncio.Queue()
+        self._known: set[str] = set()
         self.stored = 0
         # transfer id -> SHA-256 of the file stored in the local node (in memory only).
         self.stored_sha256: dict[str, str] = {}
@@ -77,6 +78,11 @@ class Deliverer:
         self.retries = 0
 
     def submit(self, incoming: IncomingTransfer) -> None:
+        """Queue a transfer for delivery, unless it is already queued or under way."""
+        tid = incoming.transfer_id.hex()
+        if tid in self._known:
+            return
+        self._known.add(tid)
         self._queue.put_nowait(incoming)
 
     async def run(self) -> None:
@@ -85,9 +91,12 @@ class Deliverer:
             try:
                 await self._deliver(incoming)
             finally:
+                self._known.discard(incoming.transfer_id.hex())
                 self._queue.task_done()
 
     async def _deliver(self, incoming: IncomingTransfer) -> None:
+        if not incoming.sidecar.exists():
+            return  # delivered meanwhile (a rescan saw it just before it was removed)
         node_name = str(incoming.meta.get("node", ""))
         node = self._nodes.get(node_name)
         tid = incoming.transfer_id.hex()

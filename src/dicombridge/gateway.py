@@ -36,6 +36,7 @@ from dicombridge.transport import Delivery, Transport
 log = logging.getLogger(__name__)
 
 PUBLISHERS: Final = 4
+INCOMING_RESCAN_S: Final = 5.0
 STATUS_SUCCESS: Final = 0x0000
 STATUS_OUT_OF_RESOURCES: Final = 0xA700
 STATUS_SOP_CLASS_NOT_SUPPORTED: Final = 0x0122
@@ -171,6 +172,13 @@ class Gateway:
     async def _on_incoming(self, incoming: IncomingTransfer) -> None:
         self.deliverer.submit(incoming)
 
+    async def _rescan_incoming(self) -> None:
+        """Pick up what `dicombridge quarantine retry` put back into incoming/."""
+        while True:
+            await asyncio.sleep(INCOMING_RESCAN_S)
+            for incoming in await asyncio.to_thread(self.receiver.pending):
+                self.deliverer.submit(incoming)
+
     async def _resend_receipt(
         self, to_site: str, transfer_id: bytes, document: dict[str, Any]
     ) -> None:
@@ -238,6 +246,7 @@ class Gateway:
         """Serve until cancelled (or SIGTERM/SIGINT when run from the CLI)."""
         config = self.site.config
         self._loop = asyncio.get_running_loop()
+        self.outbox.recover()
         for entry in self.outbox.entries():
             if not entry.published:
                 self._publish_queue.put_nowait(entry.transfer.transfer_id_hex)
@@ -265,6 +274,7 @@ class Gateway:
                     group.create_task(transport.consume("bulk", self.receiver.handle))
                     group.create_task(transport.consume("control", self._on_control))
                     group.create_task(self.deliverer.run())
+                    group.create_task(self._rescan_incoming())
                     for _ in range(PUBLISHERS):
                         group.create_task(self._publisher())
                     self.ready.set()

@@ -66,8 +66,14 @@ class Outbox:
         self._sizes: dict[str, int] = {}
         for entry in self.entries():
             self._sizes[entry.transfer.transfer_id_hex] = entry.transfer.sealed_bytes
-        for leftover in root.glob(".*.sealing"):
-            # A crash while sealing: the modality was never answered success; drop it.
+
+    def recover(self) -> None:
+        """At gateway start: drop half-sealed leftovers of a crash.
+
+        The modality was never answered success for them, so it sends them again.
+        Only the gateway calls this (never a CLI reading the outbox while it runs).
+        """
+        for leftover in self.root.glob(".*.sealing"):
             shutil.rmtree(leftover, ignore_errors=True)
 
     @property

@@ -371,8 +371,13 @@ class Receiver:
 
     def pending(self) -> list[IncomingTransfer]:
         """Transfers received but not yet delivered (after a restart), oldest first."""
-        sidecars = sorted(self.incoming.glob("*.json"), key=lambda p: p.stat().st_mtime)
-        return [IncomingTransfer.load(p) for p in sidecars]
+        found: list[tuple[float, IncomingTransfer]] = []
+        for sidecar in self.incoming.glob("*.json"):
+            try:  # a transfer may be delivered and removed while we look
+                found.append((sidecar.stat().st_mtime, IncomingTransfer.load(sidecar)))
+            except FileNotFoundError:
+                continue
+        return [incoming for _, incoming in sorted(found, key=lambda pair: pair[0])]
 
     async def _guarded(
         self, sender: str, transfer_id: bytes, step: Callable[[str, bytes], Awaitable[None]]
@@ -393,7 +398,12 @@ class Receiver:
         write_durably(
             target / "reason.json",
             json.dumps(
-                {"error": type(exc).__name__, "detail": str(exc), "at": utc_now().isoformat()}
+                {
+                    "stage": "spool",
+                    "error": type(exc).__name__,
+                    "detail": str(exc),
+                    "at": utc_now().isoformat(),
+                }
             ).encode(),
         )
         fsync_dir(target.parent)
