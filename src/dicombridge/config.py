@@ -151,6 +151,9 @@ class OutboxSection(_Section):
 
     max_bytes: int = Field(default=10 * 1024**3, ge=1024 * 1024)
     max_count: int = Field(default=100_000, ge=1)
+    # A published transfer with no stored receipt after this long is published again
+    # (the same sealed bytes; the recipient drops what it has and repeats its receipt).
+    resend_after_s: float = Field(default=900.0, gt=0)
 
 
 class DeliverySection(_Section):
@@ -345,6 +348,8 @@ network_timeout_s = 60
 # Beyond either cap the gateway answers C-STORE with 0xA700 (out of resources).
 max_bytes = {10 * 1024**3}
 max_count = 100000
+# Publish again if no stored receipt came back within this many seconds.
+resend_after_s = 900
 
 [delivery]
 retry_initial_s = 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import signal
 from pathlib import Path
 from typing import Any, Final
@@ -73,6 +74,7 @@ class Gateway:
         # transfer id -> SHA-256 of the instance as received from the modality (in memory
         # only: a figure for byte identity, compared with the receiver's stored_sha256).
         self.received_sha256: dict[str, str] = {}
+        self.resends = 0
 
     def _client(self, node: LocalNode) -> StoreClient:
         if node.name not in self._clients:
@@ -146,26 +148,47 @@ class Gateway:
         )
         return StoreOutcome(STATUS_SUCCESS, None)
 
+    async def _resender(self) -> None:
+        """Publish again what has waited too long for its stored receipt."""
+        outbox = self.site.config.outbox
+        while True:
+            await asyncio.sleep(min(outbox.resend_after_s / 4, 60.0))
+            due = await asyncio.to_thread(
+                self.outbox.due_for_resend, older_than_s=outbox.resend_after_s
+            )
+            for entry in due:
+                log.info(
+                    "no stored receipt in time; publishing again",
+                    extra={"transfer_id": entry.transfer.transfer_id_hex, "to_site": entry.site},
+                )
+                self.resends += 1
+                await self._publish(entry.transfer.transfer_id_hex, force=True)
+
     async def _publisher(self) -> None:
         assert self._transport is not None
         while True:
             transfer_id = await self._publish_queue.get()
-            entry = self.outbox.get(transfer_id)
-            if entry is None or entry.published:
-                continue
-            delay = 1.0
-            while True:
-                try:
-                    await self._transport.publish_transfer(entry.transfer)
-                    break
-                except TransportError as exc:
-                    log.warning(
-                        "publish failed; retrying",
-                        extra={"transfer_id": transfer_id, "error": type(exc).__name__},
-                    )
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 30.0)
-            await asyncio.to_thread(self.outbox.mark_published, transfer_id)
+            await self._publish(transfer_id, force=False)
+
+    async def _publish(self, transfer_id: str, *, force: bool) -> None:
+        """Publish one outbox entry until the broker confirmed it (backing off on errors)."""
+        assert self._transport is not None
+        entry = await asyncio.to_thread(self.outbox.get, transfer_id)
+        if entry is None or (entry.published and not force):
+            return
+        delay = 1.0
+        while True:
+            try:
+                await self._transport.publish_transfer(entry.transfer)
+                break
+            except TransportError as exc:
+                log.warning(
+                    "publish failed; retrying",
+                    extra={"transfer_id": transfer_id, "error": type(exc).__name__},
+                )
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 - jitter
+                delay = min(delay * 2, 30.0)
+        await asyncio.to_thread(self.outbox.mark_published, transfer_id)
 
     # --- receiving side -------------------------------------------------------------
 
@@ -275,6 +298,7 @@ class Gateway:
                     group.create_task(transport.consume("control", self._on_control))
                     group.create_task(self.deliverer.run())
                     group.create_task(self._rescan_incoming())
+                    group.create_task(self._resender())
                     for _ in range(PUBLISHERS):
                         group.create_task(self._publisher())
                     self.ready.set()

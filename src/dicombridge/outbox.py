@@ -20,6 +20,7 @@ import logging
 import shutil
 import threading
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -152,6 +153,26 @@ class Outbox:
         if not (path / TRANSFER_FILE).exists():
             return None
         return OutboxEntry(SealedTransfer.load(path), self._read_state(path))
+
+    def due_for_resend(self, *, older_than_s: float) -> list[OutboxEntry]:
+        """Published entries whose stored receipt has not come within ``older_than_s``.
+
+        A failed receipt with a transient status (0xA7xx: the recipient was out of
+        resources) also makes an entry due; other failures wait for an operator.
+        """
+        now = utc_now()
+        due = []
+        for entry in self.entries():
+            published_at = entry.state.get("published_at")
+            if not published_at:
+                continue
+            age_s = (now - datetime.fromisoformat(str(published_at))).total_seconds()
+            receipt = entry.state.get("receipt")
+            if receipt is not None and not 0xA700 <= int(receipt.get("status", 0)) <= 0xA7FF:
+                continue
+            if age_s >= older_than_s:
+                due.append(entry)
+        return due
 
     def mark_published(self, transfer_id_hex: str) -> None:
         entry = self.get(transfer_id_hex)
