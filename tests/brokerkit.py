@@ -7,11 +7,16 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pydantic import SecretStr
 
+from dicombridge.fragments import Recipient, SealedTransfer, seal_file
+from dicombridge.identity import LocalSite
+from dicombridge.keys import newest_valid, utc_now
 from dicombridge.management import ManagementClient
 from dicombridge.sandbox import BrokerNode
+from dicombridge.spool import IncomingTransfer
 from dicombridge.topology import Definitions, Limits, SiteAccount, build_definitions
 
 
@@ -93,3 +98,39 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
         await asyncio.sleep(interval_s)
+
+
+def seal_for(
+    sender: LocalSite, recipient_id: str, source: Path, fragment_size: int
+) -> SealedTransfer:
+    entry = sender.directory.site(recipient_id)
+    assert entry is not None
+    key = newest_valid(entry.kem_public_keys(), utc_now())
+    assert key is not None
+    outbox = sender.config.storage.root / "outbox"
+    outbox.mkdir(parents=True, exist_ok=True)
+    return seal_file(
+        source,
+        outbox,
+        sender=sender.sender,
+        recipient=Recipient(recipient_id, key),
+        fragment_size=fragment_size,
+    )
+
+
+@dataclass
+class Inbox:
+    """What a receiving site handed on, for the test to wait on."""
+
+    received: list[tuple[IncomingTransfer, Path]] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def on_transfer(self, incoming: IncomingTransfer) -> None:
+        self.received.append((incoming, incoming.path))
+        self.changed.set()
+
+    async def wait_for(self, count: int, timeout_s: float = 30) -> None:
+        async with asyncio.timeout(timeout_s):
+            while len(self.received) < count:
+                self.changed.clear()
+                await self.changed.wait()

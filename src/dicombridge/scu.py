@@ -81,6 +81,9 @@ MIN_PDU_BYTES: Final = 16 * 1024
 MAX_PDU_BYTES: Final = 4 * 1024 * 1024
 # A-ASSOCIATE-RJ result 2 is rejected-transient (PS3.8 9.3.4).
 _REJECTED_TRANSIENT: Final = 0x02
+# P-DATA primitives a C-STORE may queue ahead of the socket (each at most the peer's
+# maximum PDU size): the bound on what a from-file send holds in memory.
+MAX_QUEUED_PDUS: Final = 8
 
 
 class OutcomeKind(enum.StrEnum):
@@ -234,6 +237,31 @@ class _AE(AE):
         sock = _AssociationSocket(assoc, address=address)
         sock.tls_args = tls_args
         return sock
+
+
+def _bound_send_queue(dul: Any, *, max_queued: int = MAX_QUEUED_PDUS) -> None:
+    """Make ``dul.send_pdu`` wait while ``max_queued`` primitives are waiting to be sent.
+
+    pynetdicom's DIMSE layer cuts a from-file C-STORE into P-DATA primitives and puts
+    them all on the DUL's unbounded ``to_provider_queue`` as fast as it reads the file;
+    the DUL thread sends them as fast as the peer takes them. A slow peer (Orthanc takes
+    a 1 GiB instance at its own pace) let ~300 MB of it pile up in memory. Here
+    the sender waits for room instead, so TCP flow control reaches the file read. The
+    wait re-checks every half second that the DUL thread still runs: after an abort
+    nothing drains the queue, and the primitive is then queued unbounded as before.
+    (pynetdicom 3.0.4: ``DULServiceProvider.send_pdu``, ``to_provider_queue``; every
+    ``get`` of a ``queue.Queue`` notifies ``not_full`` even without a ``maxsize``.)
+    """
+    original = dul.send_pdu
+    pending = dul.to_provider_queue
+
+    def send_pdu(primitive: Any) -> None:
+        with pending.not_full:
+            while pending._qsize() >= max_queued and dul.is_alive() and not dul._kill_thread:
+                pending.not_full.wait(timeout=0.5)
+        original(primitive)
+
+    dul.send_pdu = send_pdu
 
 
 Pair = tuple[UID, UID]  # (SOP class, transfer syntax)
@@ -428,6 +456,7 @@ class StoreSCU:
             max_pdu=self.max_pdu_bytes,
         )
         if assoc.is_established:
+            _bound_send_queue(assoc.dul)
             self._assoc = assoc
             self._proposed = proposed
             self._accepted = {

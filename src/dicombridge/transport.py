@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal, Self
+from typing import Any, Final, Literal, Self
 
 import aio_pika
 import aiormq
@@ -35,6 +35,7 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractRobustConnection,
 )
+from yarl import URL
 
 from dicombridge.directory import Directory
 from dicombridge.envelope import sealed_fragment_bytes
@@ -150,8 +151,62 @@ def check_sender(
     return site_id
 
 
+# --- several broker URLs: the nodes of a cluster ---------------------------------------
+
+
+class FailoverConnection(aio_pika.RobustConnection):
+    """A robust connection over several broker URLs (the nodes of one cluster).
+
+    aio-pika reconnects to one URL only. aio-pika calls ``_on_connection_close`` both when
+    an established connection is lost and when a connection attempt fails; here it moves
+    ``url`` on to the next node first, so every reconnection attempt tries another node,
+    round robin. Channels and consumers are restored by aio-pika as for one URL.
+    """
+
+    def __init__(self, urls: Sequence[str], **kwargs: Any) -> None:
+        self._failover_urls = tuple(URL(url) for url in urls)
+        self._failover_index = 0
+        super().__init__(self._failover_urls[0], **kwargs)
+
+    async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
+        if not self.close_called:
+            self._failover_index = (self._failover_index + 1) % len(self._failover_urls)
+            self.url = self._failover_urls[self._failover_index]
+        await super()._on_connection_close(closing)
+
+
+async def _connect_any(
+    urls: Sequence[str], *, timeout_s: float, client_properties: dict[str, Any]
+) -> AbstractRobustConnection:
+    """Connect to the first URL that answers, trying each in turn; raise the last error."""
+    if len(urls) == 1:
+        return await aio_pika.connect_robust(
+            urls[0], timeout=timeout_s, client_properties=client_properties
+        )
+    error: Exception | None = None
+    for start in range(len(urls)):
+        connection = FailoverConnection(
+            [*urls[start:], *urls[:start]], client_properties=client_properties
+        )
+        try:
+            await connection.connect(timeout=timeout_s)
+        except Exception as exc:
+            error = exc
+            await connection.close()
+            continue
+        return connection
+    assert error is not None
+    raise error
+
+
+# --- the transport ----------------------------------------------------------------------
+
+
 class Transport:
     """A site's connections to the broker: one for bulk, one for control.
+
+    ``amqp_url`` may list several URLs, one per node of a cluster: each connection goes to
+    the first that answers and, when its node fails, on to the next.
 
     Use as an async context manager; it connects on entry and closes on exit.
     """
@@ -159,7 +214,7 @@ class Transport:
     def __init__(
         self,
         *,
-        amqp_url: str,
+        amqp_url: str | Sequence[str],
         site_id: str,
         broker_user: str,
         directory: Directory,
@@ -168,7 +223,9 @@ class Transport:
         prefetch_count: dict[Plane, int] | None = None,
         connect_timeout_s: float = 10.0,
     ) -> None:
-        self._url = amqp_url
+        self._urls = [amqp_url] if isinstance(amqp_url, str) else list(amqp_url)
+        if not self._urls:
+            raise TransportError("no broker URL given; check [broker] url")
         self.site_id = site_id
         self.broker_user = broker_user
         self.directory = directory
@@ -189,9 +246,9 @@ class Transport:
     async def __aenter__(self) -> Self:
         for plane in ("bulk", "control"):
             try:
-                connection = await aio_pika.connect_robust(
-                    self._url,
-                    timeout=self._connect_timeout_s,
+                connection = await _connect_any(
+                    self._urls,
+                    timeout_s=self._connect_timeout_s,
                     client_properties={"connection_name": f"dicombridge {self.site_id} {plane}"},
                 )
             except Exception as exc:

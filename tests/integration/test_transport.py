@@ -7,7 +7,7 @@ import hashlib
 import os
 import shutil
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import aio_pika
@@ -16,15 +16,14 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from dicombridge.fragments import Recipient, SealedTransfer, seal_file
+from dicombridge.fragments import SealedTransfer
 from dicombridge.identity import LocalSite
-from dicombridge.keys import newest_valid, utc_now
 from dicombridge.management import ManagementClient
 from dicombridge.sandbox import BrokerNode, Federation, create_federation
-from dicombridge.spool import IncomingTransfer, Receiver, ReceiverIdentity
+from dicombridge.spool import Receiver, ReceiverIdentity
 from dicombridge.topology import dead_queue_name, exchange_name
 from dicombridge.transport import Transport
-from tests.brokerkit import wait_until
+from tests.brokerkit import Inbox, seal_for, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -51,42 +50,6 @@ def transport(site: LocalSite) -> Transport:
         max_in_flight_bytes=4 * 1024 * 1024,
         max_in_flight_messages=8,
     )
-
-
-def seal_for(
-    sender: LocalSite, recipient_id: str, source: Path, fragment_size: int
-) -> SealedTransfer:
-    entry = sender.directory.site(recipient_id)
-    assert entry is not None
-    key = newest_valid(entry.kem_public_keys(), utc_now())
-    assert key is not None
-    outbox = sender.config.storage.root / "outbox"
-    outbox.mkdir(parents=True, exist_ok=True)
-    return seal_file(
-        source,
-        outbox,
-        sender=sender.sender,
-        recipient=Recipient(recipient_id, key),
-        fragment_size=fragment_size,
-    )
-
-
-@dataclass
-class Inbox:
-    """What a receiving site handed on, for the test to wait on."""
-
-    received: list[tuple[IncomingTransfer, Path]] = field(default_factory=list)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def on_transfer(self, incoming: IncomingTransfer) -> None:
-        self.received.append((incoming, incoming.path))
-        self.changed.set()
-
-    async def wait_for(self, count: int, timeout_s: float = 30) -> None:
-        async with asyncio.timeout(timeout_s):
-            while len(self.received) < count:
-                self.changed.clear()
-                await self.changed.wait()
 
 
 @dataclass
