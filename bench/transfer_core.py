@@ -18,7 +18,8 @@ from pathlib import Path
 from dicombridge.fragments import Recipient, SealedTransfer, seal_file
 from dicombridge.identity import LocalSite
 from dicombridge.keys import KemPublicKey, newest_valid, utc_now
-from dicombridge.sandbox import BrokerNode, create_federation
+from dicombridge.rabbitmq import BrokerNode
+from dicombridge.sandbox import create_federation
 from dicombridge.spool import IncomingTransfer, Receiver, ReceiverIdentity, Spool
 from dicombridge.transport import Transport
 

@@ -15,7 +15,7 @@ from dicombridge.fragments import Recipient, SealedTransfer, seal_file
 from dicombridge.identity import LocalSite
 from dicombridge.keys import newest_valid, utc_now
 from dicombridge.management import ManagementClient
-from dicombridge.sandbox import BrokerNode
+from dicombridge.rabbitmq import BrokerNode
 from dicombridge.spool import IncomingTransfer
 from dicombridge.topology import Definitions, Limits, SiteAccount, build_definitions
 

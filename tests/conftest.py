@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from dicombridge.errors import SandboxError
-from dicombridge.sandbox import BrokerNode
+from dicombridge.rabbitmq import BrokerNode
 
 logger = logging.getLogger(__name__)
 

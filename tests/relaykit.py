@@ -30,7 +30,8 @@ from dicombridge.gateway import Gateway
 from dicombridge.identity import LocalSite
 from dicombridge.management import ManagementClient
 from dicombridge.orthanc import free_port
-from dicombridge.sandbox import BrokerNode, Federation, create_federation
+from dicombridge.rabbitmq import BrokerNode
+from dicombridge.sandbox import Federation, create_federation
 from tests.dicomkit import PHI_MARKER, shipped_file
 
 CT_IMAGE_STORAGE: Final = "1.2.840.10008.5.1.4.1.1.2"

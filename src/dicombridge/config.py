@@ -66,6 +66,8 @@ class BrokerSection(_Section):
     """The federation's RabbitMQ tenant. The password never goes in this file."""
 
     url: str
+    # Other nodes of the same cluster (same user and vhost): the gateway fails over to them.
+    other_urls: list[str] = Field(default_factory=list)
     password_file: Path | None = None
     heartbeat_s: int = Field(default=30, ge=0, le=600)
     connect_timeout_s: float = Field(default=10.0, gt=0, le=300)
@@ -81,6 +83,14 @@ class BrokerSection(_Section):
         if parts.password:
             raise ValueError("must not contain a password (use password_file)")
         return url
+
+    @model_validator(mode="after")
+    def _same_user(self) -> BrokerSection:
+        for other in self.other_urls:
+            self._url(other)
+            if unquote(urlsplit(other).username or "") != self.user:
+                raise ValueError("other_urls must name the same user as url")
+        return self
 
     @property
     def user(self) -> str:
@@ -220,7 +230,14 @@ class SiteConfig(_Section):
 
     def amqp_url(self) -> str:
         """The broker URL with the password filled in (never log it)."""
-        parts = urlsplit(self.broker.url)
+        return self._with_password(self.broker.url)
+
+    def amqp_urls(self) -> list[str]:
+        """``url`` then ``other_urls`` (other nodes of the cluster), passwords filled in."""
+        return [self._with_password(url) for url in (self.broker.url, *self.broker.other_urls)]
+
+    def _with_password(self, url: str) -> str:
+        parts = urlsplit(url)
         password = quote(self.broker_password().get_secret_value(), safe="")
         netloc = f"{parts.username}:{password}@{parts.hostname}"
         if parts.port:
@@ -302,6 +319,8 @@ state_path = "state/directory-accepted.json"
 [broker]
 # The federation's RabbitMQ tenant: amqps://USER@HOST:PORT/VHOST (no password here).
 url = "{broker_url}"
+# Other nodes of the same RabbitMQ cluster, tried in turn if this one is unreachable.
+# other_urls = ["amqps://USER@HOST2:5671/VHOST", "amqps://USER@HOST3:5671/VHOST"]
 # File holding the broker password the operator gave you (mode 0600).
 password_file = "secrets/broker-password"
 heartbeat_s = 30

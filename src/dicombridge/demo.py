@@ -22,6 +22,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from dicombridge import sandbox
+from dicombridge.rabbitmq import BrokerNode
 
 STUDY_SIZE = 12
 
@@ -66,7 +67,7 @@ def wait_for_instances(rest_url: str, count: int, *, timeout_s: float = 60) -> l
 
 def show_broker(started: dict[str, Any]) -> None:
     broker = started["broker"]
-    node = sandbox.BrokerNode.from_workdir(Path(broker["workdir"]))
+    node = BrokerNode.from_workdir(Path(broker["workdir"]))
     deadline = time.monotonic() + 20
     with node.management() as client:
         # The management API's counters trail by a statistics interval: wait for them.

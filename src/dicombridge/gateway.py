@@ -277,7 +277,7 @@ class Gateway:
             self.deliverer.submit(incoming)
         async with (
             Transport(
-                amqp_url=config.amqp_url(),
+                amqp_url=config.amqp_urls(),
                 site_id=self.site.site_id,
                 broker_user=config.broker.user,
                 directory=self.site.directory,

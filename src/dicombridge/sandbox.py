@@ -1,8 +1,9 @@
 """A local federation for trying dicombridge out and for its tests.
 
-A RabbitMQ node on loopback (started by ``broker/start-node`` in a work directory), a
-federation operator, and N sites with keys, configs, a signed directory and broker users,
-provisioned exactly as a real federation is: through the same functions the CLI calls.
+A RabbitMQ node on loopback (``rabbitmq.py``), a federation operator, and N sites with
+keys, configs, a signed directory and broker users, provisioned exactly as a real
+federation is: through the same functions the CLI calls; then one Orthanc and one
+gateway per site (``sandbox up``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import quote
 
-from pydantic import SecretStr
 from pynetdicom import AE
 
 from dicombridge import config as site_config
@@ -28,7 +28,6 @@ from dicombridge import identity
 from dicombridge.durable import write_durably
 from dicombridge.errors import SandboxError
 from dicombridge.keys import SiteKeys
-from dicombridge.management import ManagementClient
 from dicombridge.operator import SIGNED, OperatorWorkspace
 from dicombridge.orthanc import (
     DicomModality,
@@ -37,98 +36,8 @@ from dicombridge.orthanc import (
     free_port,
     is_listening,
 )
+from dicombridge.rabbitmq import BrokerNode
 from dicombridge.topology import Limits, Permission, build_definitions
-
-BROKER_SCRIPTS: Final = Path(__file__).resolve().parents[2] / "broker"
-
-
-@dataclass(frozen=True)
-class BrokerNode:
-    """A RabbitMQ node started by ``broker/start-node``; read from its ``node.json``."""
-
-    workdir: Path
-    node: str
-    amqp_port: int
-    mgmt_port: int
-    dist_port: int
-    admin_user: str
-    admin_password: SecretStr
-    pid: int
-
-    @classmethod
-    def from_workdir(cls, workdir: Path) -> BrokerNode:
-        info = json.loads((workdir / "node.json").read_text(encoding="utf-8"))
-        return cls(
-            workdir=workdir,
-            node=info["node"],
-            amqp_port=int(info["amqp_port"]),
-            mgmt_port=int(info["mgmt_port"]),
-            dist_port=int(info["dist_port"]),
-            admin_user=info["admin_user"],
-            admin_password=SecretStr(info["admin_password"]),
-            pid=int(info["pid"]),
-        )
-
-    @classmethod
-    def start(cls, workdir: Path, *, memory_mib: int = 1024, timeout_s: int = 90) -> BrokerNode:
-        """Start a node in ``workdir`` and return when its management API answers."""
-        script = BROKER_SCRIPTS / "start-node"
-        try:
-            result = subprocess.run(
-                [
-                    str(script),
-                    "--workdir",
-                    str(workdir),
-                    "--memory-mib",
-                    str(memory_mib),
-                    "--timeout-s",
-                    str(timeout_s),
-                ],
-                capture_output=True,
-                text=True,
-                check=False,
-                timeout=timeout_s + 30,
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise SandboxError(f"broker/start-node hung for {exc.timeout}s in {workdir}") from exc
-        if result.returncode != 0:
-            raise SandboxError(
-                f"broker/start-node failed (exit {result.returncode}) in {workdir}:\n"
-                f"{result.stderr[-4000:]}"
-            )
-        return cls.from_workdir(workdir)
-
-    def stop(self, *, timeout_s: int = 30) -> None:
-        """Stop the node with ``broker/stop-node``; raise ``SandboxError`` if that fails."""
-        script = BROKER_SCRIPTS / "stop-node"
-        result = subprocess.run(
-            [str(script), "--workdir", str(self.workdir), "--timeout-s", str(timeout_s)],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=timeout_s + 30,
-        )
-        if result.returncode != 0:
-            raise SandboxError(f"broker/stop-node failed in {self.workdir}:\n{result.stderr}")
-
-    @property
-    def management_url(self) -> str:
-        return f"http://127.0.0.1:{self.mgmt_port}"
-
-    def management(self) -> ManagementClient:
-        return ManagementClient(
-            self.management_url, user=self.admin_user, password=self.admin_password
-        )
-
-    def amqp_url(self, *, user: str, password: SecretStr | str, vhost: str) -> str:
-        """``amqp://user:pass@127.0.0.1:port/vhost``, every part percent-encoded."""
-        raw = password.get_secret_value() if isinstance(password, SecretStr) else password
-        secret = quote(raw, safe="")
-        path = quote(vhost, safe="")
-        return f"amqp://{quote(user, safe='')}:{secret}@127.0.0.1:{self.amqp_port}/{path}"
-
-    def admin_amqp_url(self, vhost: str) -> str:
-        return self.amqp_url(user=self.admin_user, password=self.admin_password, vhost=vhost)
 
 
 @dataclass
@@ -265,7 +174,7 @@ def _start_gateway(config_path: Path, log_path: Path) -> subprocess.Popen[bytes]
         )
 
 
-def _wait_gateway(
+def wait_gateway(
     process: subprocess.Popen[bytes], *, port: int, ae_title: str, log_path: Path, timeout_s: float
 ) -> None:
     deadline = time.monotonic() + timeout_s
@@ -345,7 +254,7 @@ def sandbox_up(workdir: Path, *, sites: int, timeout_s: float = 120.0) -> dict[s
                 "pid": process.pid,
                 "log": str(log_path),
             }
-            _wait_gateway(
+            wait_gateway(
                 process,
                 port=gateway_port,
                 ae_title=gateway_ae,
@@ -416,188 +325,3 @@ def _terminate(pid: int, *, timeout_s: float = 20.0) -> bool:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
     return True
-
-
-# --- a RabbitMQ cluster on loopback (broker/start-cluster) -----------------------------
-
-CLUSTER_FILE: Final = "cluster.json"
-RABBITMQ_BIN: Final = Path("/usr/lib/rabbitmq/bin")
-
-
-@dataclass(frozen=True)
-class BrokerCluster:
-    """A RabbitMQ cluster started by ``broker/start-cluster``; read from its ``cluster.json``.
-
-    The nodes share one Erlang cookie and one administrator, so each node's ``BrokerNode``
-    (from its own ``node.json``) carries the cluster's admin password.
-    """
-
-    workdir: Path
-    nodes: tuple[BrokerNode, ...]
-    memory_mib: int
-
-    @classmethod
-    def from_workdir(cls, workdir: Path) -> BrokerCluster:
-        info = json.loads((workdir / CLUSTER_FILE).read_text(encoding="utf-8"))
-        return cls(
-            workdir=workdir,
-            nodes=tuple(BrokerNode.from_workdir(Path(n["workdir"])) for n in info["nodes"]),
-            memory_mib=int(info["memory_mib"]),
-        )
-
-    @classmethod
-    def start(
-        cls, workdir: Path, *, nodes: int = 3, memory_mib: int = 512, timeout_s: int = 90
-    ) -> BrokerCluster:
-        """Start ``nodes`` clustered nodes in ``workdir``; return once all of them run.
-
-        ``timeout_s`` bounds each node's start (node 1, then the others in parallel).
-        """
-        script = BROKER_SCRIPTS / "start-cluster"
-        command = [str(script), "--workdir", str(workdir), "--nodes", str(nodes)]
-        command += ["--memory-mib", str(memory_mib), "--timeout-s", str(timeout_s)]
-        try:
-            result = subprocess.run(
-                command, capture_output=True, text=True, check=False, timeout=2 * timeout_s + 60
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise SandboxError(
-                f"broker/start-cluster hung for {exc.timeout}s in {workdir}; "
-                f"stop what it started with broker/stop-cluster --workdir {workdir}"
-            ) from exc
-        if result.returncode != 0:
-            raise SandboxError(
-                f"broker/start-cluster failed (exit {result.returncode}) in {workdir}:\n"
-                f"{result.stderr[-6000:]}"
-            )
-        return cls.from_workdir(workdir)
-
-    def stop(self, *, timeout_s: int = 30) -> None:
-        """Stop every node (``broker/stop-cluster``); raise ``SandboxError`` if one is left."""
-        script = BROKER_SCRIPTS / "stop-cluster"
-        result = subprocess.run(
-            [str(script), "--workdir", str(self.workdir), "--timeout-s", str(timeout_s)],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=timeout_s + 60,
-        )
-        if result.returncode != 0:
-            raise SandboxError(f"broker/stop-cluster failed in {self.workdir}:\n{result.stderr}")
-
-    @property
-    def amqp_ports(self) -> list[int]:
-        return [node.amqp_port for node in self.nodes]
-
-    def amqp_urls(self, *, user: str, password: SecretStr | str, vhost: str) -> list[str]:
-        """One AMQP URL per node, in node order; a client may use any of them."""
-        return [node.amqp_url(user=user, password=password, vhost=vhost) for node in self.nodes]
-
-    def admin_amqp_urls(self, vhost: str) -> list[str]:
-        return [node.admin_amqp_url(vhost) for node in self.nodes]
-
-    def running_nodes(self) -> list[BrokerNode]:
-        """The nodes whose Erlang VM is alive and whose management port listens."""
-        return [node for node in self.nodes if _is_beam(node.pid) and is_listening(node.mgmt_port)]
-
-    def management(self) -> ManagementClient:
-        """The cluster's management API through the first running node."""
-        return self._first_running().management()
-
-    def _first_running(self) -> BrokerNode:
-        running = self.running_nodes()
-        if not running:
-            raise SandboxError(f"no node of the cluster in {self.workdir} is running")
-        return running[0]
-
-    def cluster_status(self, *, timeout_s: int = 30) -> dict[str, Any]:
-        """``rabbitmqctl cluster_status`` (JSON) as seen by the first running node."""
-        node = self._first_running()
-        result = subprocess.run(
-            [
-                "bash",
-                "-c",
-                '. "$1" && exec "$2" -n "$3" cluster_status --formatter json',
-                "cluster_status",
-                str(node.workdir / "env.sh"),
-                str(RABBITMQ_BIN / "rabbitmqctl"),
-                node.node,
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=timeout_s,
-        )
-        if result.returncode != 0:
-            raise SandboxError(
-                f"rabbitmqctl cluster_status on {node.node} failed:\n{result.stderr}"
-            )
-        status: dict[str, Any] = json.loads(result.stdout)
-        return status
-
-    def kill_node(self, index: int) -> None:
-        """kill -9 node ``index`` (0-based) and return once its VM is gone: a crash."""
-        node = self.nodes[index]
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(node.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while _is_beam(node.pid):
-            if time.monotonic() > deadline:
-                raise SandboxError(f"{node.node} (pid {node.pid}) survived SIGKILL for 30 s")
-            time.sleep(0.05)  # another process's exit: no event to wait on
-
-    def restart_node(self, index: int, *, timeout_s: int = 90) -> BrokerCluster:
-        """Start node ``index`` again (after a crash or a stop) with its ports and data.
-
-        It rejoins the cluster from its own data. Returns the cluster as it now is.
-        """
-        node = self.nodes[index]
-        stop = subprocess.run(
-            [str(BROKER_SCRIPTS / "stop-node"), "--workdir", str(node.workdir)],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=90,
-        )
-        if stop.returncode != 0 and (node.workdir / "node.json").exists():
-            raise SandboxError(f"broker/stop-node failed in {node.workdir}:\n{stop.stderr}")
-        peer = self.nodes[1 if index == 0 else 0]
-        command = [
-            str(BROKER_SCRIPTS / "start-node"),
-            "--workdir",
-            str(node.workdir),
-            "--node",
-            node.node,
-            "--amqp-port",
-            str(node.amqp_port),
-            "--mgmt-port",
-            str(node.mgmt_port),
-            "--dist-port",
-            str(node.dist_port),
-            "--memory-mib",
-            str(self.memory_mib),
-            "--timeout-s",
-            str(timeout_s),
-            "--cookie-file",
-            str(self.workdir / "erlang.cookie"),
-            "--admin-password-file",
-            str(self.workdir / "admin-password"),
-            "--join",
-            peer.node,
-        ]
-        result = subprocess.run(
-            command, capture_output=True, text=True, check=False, timeout=timeout_s + 30
-        )
-        if result.returncode != 0:
-            raise SandboxError(
-                f"broker/start-node failed restarting {node.node}:\n{result.stderr[-4000:]}"
-            )
-        return BrokerCluster.from_workdir(self.workdir)
-
-
-def _is_beam(pid: int) -> bool:
-    """True if ``pid`` is alive and still an Erlang VM (a pid may be reused after exit)."""
-    try:
-        return b"beam" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from dicombridge.management import ManagementClient
-from dicombridge.sandbox import BrokerNode
+from dicombridge.rabbitmq import BrokerNode
 from tests.brokerkit import Provisioner
 
 

@@ -15,7 +15,7 @@ from pydantic import SecretStr
 
 from dicombridge.errors import ProvisionError
 from dicombridge.management import ManagementClient
-from dicombridge.sandbox import BrokerNode
+from dicombridge.rabbitmq import BrokerNode
 from dicombridge.topology import (
     DEAD_LETTER_EXCHANGE,
     Limits,

@@ -16,7 +16,7 @@ from dicombridge.identity import export_json, export_public, init_site
 from dicombridge.keys import SiteKeys
 from dicombridge.management import ManagementClient
 from dicombridge.operator import OperatorWorkspace
-from dicombridge.sandbox import BrokerNode
+from dicombridge.rabbitmq import BrokerNode
 
 pytestmark = pytest.mark.integration
 CLI = [sys.executable, "-c", "from dicombridge.cli import main; main()"]

@@ -21,7 +21,8 @@ import pytest
 
 from dicombridge.errors import BrokerUnreachableError, PublishRefusedError, SandboxError
 from dicombridge.identity import LocalSite
-from dicombridge.sandbox import BrokerCluster, Federation, create_federation
+from dicombridge.rabbitmq import BrokerCluster
+from dicombridge.sandbox import Federation, create_federation
 from dicombridge.spool import Receiver, ReceiverIdentity
 from dicombridge.topology import queue_name
 from dicombridge.transport import Transport

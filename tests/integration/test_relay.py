@@ -25,7 +25,8 @@ from dicombridge.config import LocalNode
 from dicombridge.gateway import Gateway
 from dicombridge.management import ManagementClient
 from dicombridge.orthanc import OrthancServer, OrthancSettings
-from dicombridge.sandbox import BrokerNode, _wait_gateway
+from dicombridge.rabbitmq import BrokerNode
+from dicombridge.sandbox import wait_gateway
 from dicombridge.scp import CANNOT_UNDERSTAND, DATA_SET_DOES_NOT_MATCH_SOP_CLASS, SUCCESS
 from dicombridge.scu import STATUS_NOT_ACCEPTED
 from tests import dicomkit
@@ -359,7 +360,7 @@ def test_one_gib_instance_relayed_in_bounded_memory(
             (sites.config_b, sites.port_b, GATEWAY_B_AE_TITLE),
         ):
             gateways.append(GatewayProcess.start(config))
-            _wait_gateway(
+            wait_gateway(
                 gateways[-1].process,
                 port=port,
                 ae_title=ae,

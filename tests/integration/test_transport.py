@@ -19,7 +19,8 @@ from pydicom.uid import generate_uid
 from dicombridge.fragments import SealedTransfer
 from dicombridge.identity import LocalSite
 from dicombridge.management import ManagementClient
-from dicombridge.sandbox import BrokerNode, Federation, create_federation
+from dicombridge.rabbitmq import BrokerNode
+from dicombridge.sandbox import Federation, create_federation
 from dicombridge.spool import Receiver, ReceiverIdentity
 from dicombridge.topology import dead_queue_name, exchange_name
 from dicombridge.transport import Transport
