@@ -26,7 +26,12 @@ from dicombridge.acceptance import AcceptancePolicy
 from dicombridge.config import LocalNode
 from dicombridge.control import RECEIPT, Receipt, open_control, seal_control
 from dicombridge.delivery import Deliverer, StoreClient
-from dicombridge.errors import IntegrityError, OutboxFullError, TransportError
+from dicombridge.errors import (
+    BrokerUnreachableError,
+    IntegrityError,
+    OutboxFullError,
+    TransportError,
+)
 from dicombridge.identity import LocalSite
 from dicombridge.outbox import Outbox
 from dicombridge.scp import ReceivedInstance, ScpSettings, StorageSCP, StoreOutcome
@@ -69,6 +74,8 @@ class Gateway:
         )
         self._publish_queue: asyncio.Queue[str] = asyncio.Queue()
         self._transport: Transport | None = None
+        self._broker_connected = asyncio.Event()
+        self.scp_port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.ready = asyncio.Event()
         # transfer id -> SHA-256 of the instance as received from the modality (in memory
@@ -165,13 +172,13 @@ class Gateway:
                 await self._publish(entry.transfer.transfer_id_hex, force=True)
 
     async def _publisher(self) -> None:
-        assert self._transport is not None
         while True:
             transfer_id = await self._publish_queue.get()
             await self._publish(transfer_id, force=False)
 
     async def _publish(self, transfer_id: str, *, force: bool) -> None:
         """Publish one outbox entry until the broker confirmed it (backing off on errors)."""
+        await self._broker_connected.wait()
         assert self._transport is not None
         entry = await asyncio.to_thread(self.outbox.get, transfer_id)
         if entry is None or (entry.published and not force):
@@ -220,6 +227,7 @@ class Gateway:
         await self._publish_receipt(to_site, receipt)
 
     async def _publish_receipt(self, to_site: str, receipt: Receipt) -> None:
+        await self._broker_connected.wait()
         assert self._transport is not None
         message_id, body = seal_control(
             receipt.to_document(),
@@ -267,7 +275,6 @@ class Gateway:
 
     async def run(self, *, scp_started: asyncio.Event | None = None) -> None:
         """Serve until cancelled (or SIGTERM/SIGINT when run from the CLI)."""
-        config = self.site.config
         self._loop = asyncio.get_running_loop()
         self.outbox.recover()
         for entry in self.outbox.entries():
@@ -275,8 +282,34 @@ class Gateway:
                 self._publish_queue.put_nowait(entry.transfer.transfer_id_hex)
         for incoming in self.receiver.pending():
             self.deliverer.submit(incoming)
-        async with (
-            Transport(
+        async with StorageSCP(
+            policy=self.acceptance_policy(),
+            on_store=self.on_instance,
+            settings=self.scp_settings(),
+        ) as scp:
+            self.scp_port = scp.port
+            try:
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(self.deliverer.run())
+                    group.create_task(self._rescan_incoming())
+                    group.create_task(self._broker_side(scp_started))
+                    log.info(
+                        "gateway serving DICOM",
+                        extra={"site": self.site.site_id, "port": scp.port},
+                    )
+            finally:
+                for client in self._clients.values():
+                    await asyncio.to_thread(client.close)
+
+    async def _connect(self) -> Transport:
+        """Connect to the broker, retrying with backoff while it is unreachable.
+
+        Meanwhile the SCP keeps accepting into the outbox, up to its caps (then 0xA700).
+        """
+        config = self.site.config
+        delay = 1.0
+        while True:
+            transport = Transport(
                 amqp_url=config.amqp_urls(),
                 site_id=self.site.site_id,
                 broker_user=config.broker.user,
@@ -284,33 +317,35 @@ class Gateway:
                 max_in_flight_bytes=config.transfer.max_in_flight_bytes,
                 max_in_flight_messages=config.transfer.max_in_flight_messages,
                 connect_timeout_s=config.broker.connect_timeout_s,
-            ) as transport,
-            StorageSCP(
-                policy=self.acceptance_policy(),
-                on_store=self.on_instance,
-                settings=self.scp_settings(),
-            ) as scp,
-        ):
-            self._transport = transport
+            )
             try:
-                async with asyncio.TaskGroup() as group:
-                    group.create_task(transport.consume("bulk", self.receiver.handle))
-                    group.create_task(transport.consume("control", self._on_control))
-                    group.create_task(self.deliverer.run())
-                    group.create_task(self._rescan_incoming())
-                    group.create_task(self._resender())
-                    for _ in range(PUBLISHERS):
-                        group.create_task(self._publisher())
-                    self.ready.set()
-                    if scp_started is not None:
-                        scp_started.set()
-                    log.info(
-                        "gateway ready",
-                        extra={"site": self.site.site_id, "port": scp.port},
-                    )
-            finally:
-                for client in self._clients.values():
-                    await asyncio.to_thread(client.close)
+                return await transport.__aenter__()
+            except BrokerUnreachableError as exc:
+                log.warning(
+                    "broker unreachable; instances wait in the outbox",
+                    extra={"retry_in_s": round(delay, 1), "error": str(exc)},
+                )
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 - jitter
+            delay = min(delay * 2, 30.0)
+
+    async def _broker_side(self, scp_started: asyncio.Event | None) -> None:
+        """Everything that needs the broker: consumers, publishers, the resender."""
+        transport = await self._connect()
+        self._transport = transport
+        self._broker_connected.set()
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(transport.consume("bulk", self.receiver.handle))
+                group.create_task(transport.consume("control", self._on_control))
+                group.create_task(self._resender())
+                for _ in range(PUBLISHERS):
+                    group.create_task(self._publisher())
+                self.ready.set()
+                if scp_started is not None:
+                    scp_started.set()
+                log.info("gateway ready", extra={"site": self.site.site_id})
+        finally:
+            await transport.__aexit__(None, None, None)
 
 
 def run_gateway(config_path: Path) -> None:
