@@ -236,30 +236,3 @@ async def test_killed_third_node_loses_nothing(
         200_000: before.read_bytes(),
         250_000: after.read_bytes(),
     }
-
-
-async def test_client_of_a_killed_node_reconnects_to_another(
-    cluster: BrokerCluster, federation: Federation, tmp_path: Path
-) -> None:
-    """hosp-b, given all three URLs, moves to another node when its node is killed."""
-    site_a, site_b = federation.site("hosp-a"), federation.site("hosp-b")
-    first = random_file(tmp_path, "first.bin", 150_000)
-    second = random_file(tmp_path, "second.bin", 180_000)
-    node_b = cluster.nodes[1].node
-    others = {cluster.nodes[0].node, cluster.nodes[2].node}
-    all_urls_a = site_urls(cluster, site_a, federation.vhost, 0, 1, 2)
-    async with (
-        receiving(site_b, site_urls(cluster, site_b, federation.vhost, 1, 2, 0)) as inbox,
-        transport(site_a, all_urls_a) as link,
-    ):
-        await wait_connected_to(cluster, "dicombridge hosp-b bulk", {node_b})
-        await link.publish_transfer(seal_for(site_a, "hosp-b", first, 64 * 1024))
-        await inbox.wait_for(1)
-        cluster.kill_node(1)
-        await publish_until_confirmed(link, site_a, second)
-        await inbox.wait_for(2, timeout_s=120)
-        await wait_connected_to(cluster, "dicombridge hosp-b bulk", others)
-    assert received_bytes(inbox) == {
-        150_000: first.read_bytes(),
-        180_000: second.read_bytes(),
-    }
