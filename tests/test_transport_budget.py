@@ -5,6 +5,11 @@ from __future__ import annotations
 import asyncio
 
 from dicombridge.transport import ByteBudget
+from tests.brokerkit import wait_until
+
+
+async def blocked(budget: ByteBudget) -> bool:
+    return budget.waiting == 1
 
 
 async def test_budget_blocks_past_the_byte_cap_until_a_release() -> None:
@@ -12,7 +17,7 @@ async def test_budget_blocks_past_the_byte_cap_until_a_release() -> None:
     budget = ByteBudget(max_bytes=100, max_messages=10)
     await budget.acquire(60)
     waiter = asyncio.create_task(budget.acquire(60))
-    await asyncio.sleep(0)  # let the waiter run up to its wait
+    await wait_until(lambda: blocked(budget), timeout_s=1, what="the waiter to block")
     assert not waiter.done()
     assert budget.bytes == 60
     await budget.release(60)
@@ -27,7 +32,7 @@ async def test_budget_blocks_past_the_message_cap() -> None:
     await budget.acquire(1)
     await budget.acquire(1)
     waiter = asyncio.create_task(budget.acquire(1))
-    await asyncio.sleep(0)
+    await wait_until(lambda: blocked(budget), timeout_s=1, what="the waiter to block")
     assert not waiter.done()
     await budget.release(1)
     await asyncio.wait_for(waiter, timeout=1)
@@ -40,7 +45,7 @@ async def test_oversized_message_passes_alone() -> None:
     await asyncio.wait_for(budget.acquire(50), timeout=1)
     assert budget.bytes == 50
     waiter = asyncio.create_task(budget.acquire(1))
-    await asyncio.sleep(0)
+    await wait_until(lambda: blocked(budget), timeout_s=1, what="the waiter to block")
     assert not waiter.done()
     await budget.release(50)
     await asyncio.wait_for(waiter, timeout=1)

@@ -92,6 +92,7 @@ class ByteBudget:
         self.max_messages = max_messages
         self.bytes = 0
         self.messages = 0
+        self.waiting = 0  # publishes blocked for room (a figure for back-pressure)
         self._changed = asyncio.Condition()
 
     def _fits(self, size: int) -> bool:
@@ -101,7 +102,11 @@ class ByteBudget:
 
     async def acquire(self, size: int) -> None:
         async with self._changed:
-            await self._changed.wait_for(lambda: self._fits(size))
+            self.waiting += 1
+            try:
+                await self._changed.wait_for(lambda: self._fits(size))
+            finally:
+                self.waiting -= 1
             self.bytes += size
             self.messages += 1
 
