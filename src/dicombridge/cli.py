@@ -266,11 +266,14 @@ WorkdirOption = Annotated[Path, typer.Option(help="Where the sandbox keeps every
 def sandbox_up(
     workdir: WorkdirOption,
     sites: Annotated[int, typer.Option(help="How many sites (site-a, site-b, ...).")] = 2,
+    broker_nodes: Annotated[
+        int, typer.Option(help="RabbitMQ nodes: 1, or a cluster of 3 (or up to 5).")
+    ] = 1,
 ) -> None:
     """Start a broker, one Orthanc PACS and one gateway per site; write DIR/sandbox.json."""
     from dicombridge import sandbox  # noqa: PLC0415 - heavy imports only for this command
 
-    started = sandbox.sandbox_up(workdir, sites=sites)
+    started = sandbox.sandbox_up(workdir, sites=sites, broker_nodes=broker_nodes)
     _out(f"sandbox up in {started['workdir']} (broker {started['broker']['node']})")
     for site in started["sites"]:
         gw, pacs = site["gateway"], site["pacs"]

@@ -137,6 +137,8 @@ class GatewaySection(_Section):
     acse_timeout_s: float = Field(default=30.0, gt=0)
     dimse_timeout_s: float = Field(default=60.0, gt=0)
     network_timeout_s: float = Field(default=60.0, gt=0)
+    # On SIGTERM: how long open associations and the C-STORE under way may take to finish.
+    shutdown_grace_s: float = Field(default=20.0, ge=0, le=600)
 
 
 class RouteEntry(_Section):

@@ -7,11 +7,18 @@ warning) sends a *stored* receipt and removes the file. A permanent failure (0xA
 once and sends a *failed* receipt with the PACS's status and Error Comment. A transient
 failure (PACS down, association aborted, 0xA7xx) is retried with exponential backoff
 and jitter until ``give_up_after_s``, then quarantined the same way.
+
+A C-STORE whose response never came (the gateway was killed, or the association broke,
+after the request went out) leaves the instance *in doubt*: the PACS may hold it. A
+``.storing`` mark beside the file records that a request is out; before sending an
+instance in doubt again, the node is asked (C-FIND) whether it holds it already, so a
+crash does not store it twice. A node that cannot say gets it again (at least once).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -44,9 +51,17 @@ def _sha256_of(path: Path) -> str:
 
 
 class StoreClient(Protocol):
-    """What delivery needs of an SCU: store one file, say how it went (blocking)."""
+    """What delivery needs of an SCU (blocking calls): store one file, say how it went;
+    say whether the node already holds it (None: cannot say)."""
 
     def store(self, path: Path) -> StoreOutcome: ...
+
+    def holds(self, path: Path) -> bool | None: ...
+
+
+def storing_mark(incoming: IncomingTransfer) -> Path:
+    """Present while a C-STORE of ``incoming`` may have reached the node unanswered."""
+    return incoming.path.with_suffix(".storing")
 
 
 ReceiptSender = Callable[[str, Receipt], Awaitable[None]]
@@ -71,11 +86,17 @@ class Deliverer:
         self._settings = settings
         self._queue: asyncio.Queue[IncomingTransfer] = asyncio.Queue()
         self._known: set[str] = set()
+        self._stopping = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._wake = asyncio.Event()  # cuts a retry's backoff short when stopping
         self.stored = 0
         # transfer id -> SHA-256 of the file stored in the local node (in memory only).
         self.stored_sha256: dict[str, str] = {}
         self.failed = 0
         self.retries = 0
+        # Instances in doubt found already stored by the node: not sent twice.
+        self.in_doubt_found = 0
 
     def submit(self, incoming: IncomingTransfer) -> None:
         """Queue a transfer for delivery, unless it is already queued or under way."""
@@ -86,13 +107,31 @@ class Deliverer:
         self._queue.put_nowait(incoming)
 
     async def run(self) -> None:
-        while True:
+        while not self._stopping:
             incoming = await self._queue.get()
+            self._idle.clear()
             try:
-                await self._deliver(incoming)
+                if not self._stopping:
+                    await self._deliver(incoming)
             finally:
                 self._known.discard(incoming.transfer_id.hex())
                 self._queue.task_done()
+                self._idle.set()
+
+    async def finish(self, *, timeout_s: float) -> bool:
+        """Take no more transfers, let a C-STORE under way end; False if it did not in time.
+
+        A transfer waiting for a retry is handed back at once: it stays in ``incoming/``
+        and is delivered after the next start.
+        """
+        self._stopping = True
+        self._wake.set()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
 
     async def _deliver(self, incoming: IncomingTransfer) -> None:
         if not incoming.sidecar.exists():
@@ -111,7 +150,7 @@ class Deliverer:
         started = time.monotonic()
         delay = self._settings.retry_initial_s
         while True:
-            outcome = await asyncio.to_thread(client.store, incoming.path)
+            outcome = await self._store_once(client, incoming)
             if outcome.is_stored:
                 self.stored += 1
                 self.stored_sha256[tid] = await asyncio.to_thread(_sha256_of, incoming.path)
@@ -124,7 +163,7 @@ class Deliverer:
                     },
                 )
                 await self._receipt(incoming, "stored", outcome.status, outcome.error_comment)
-                await asyncio.to_thread(incoming.remove)
+                await asyncio.to_thread(self._remove, incoming)
                 return
             if not outcome.is_transient:
                 await self._fail(incoming, outcome.status, outcome.error_comment)
@@ -137,13 +176,47 @@ class Deliverer:
                     f"{outcome.error_comment}",
                 )
                 return
+            if self._stopping:
+                return  # handed back: still in incoming/ for the next start
             self.retries += 1
             log.warning(
                 "local node unavailable; retrying",
                 extra={"transfer_id": tid, "node": node.name, "retry_in_s": round(delay, 2)},
             )
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 - jitter, not crypto
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay * random.uniform(0.5, 1.0)):  # noqa: S311 - jitter
+                    await self._wake.wait()
+            if self._stopping:
+                return
             delay = min(delay * 2, self._settings.retry_max_s)
+
+    async def _store_once(self, client: StoreClient, incoming: IncomingTransfer) -> StoreOutcome:
+        """One C-STORE, unless the node already holds an instance in doubt."""
+        mark = storing_mark(incoming)
+        held: bool | None = None
+        if mark.exists():
+            held = await asyncio.to_thread(client.holds, incoming.path)
+        if held:
+            self.in_doubt_found += 1
+            log.info(
+                "instance in doubt already in the local node; not sent again",
+                extra={"transfer_id": incoming.transfer_id.hex()},
+            )
+            return StoreOutcome.from_status(
+                0x0000, "already held by the node (a C-STORE response had been lost)"
+            )
+        # No fsync: the mark must survive the gateway's death, not the machine's (after a
+        # power loss the instance is stored again, at least once).
+        mark.touch()
+        outcome = await asyncio.to_thread(client.store, incoming.path)
+        if outcome.from_peer:
+            mark.unlink(missing_ok=True)  # the node answered: no doubt left
+        return outcome
+
+    @staticmethod
+    def _remove(incoming: IncomingTransfer) -> None:
+        incoming.remove()
+        storing_mark(incoming).unlink(missing_ok=True)
 
     async def _fail(self, incoming: IncomingTransfer, status: int, comment: str | None) -> None:
         self.failed += 1
@@ -161,6 +234,7 @@ class Deliverer:
         target.mkdir(parents=True, exist_ok=True)
         os.replace(incoming.path, target / "instance.dcm")
         os.replace(incoming.sidecar, target / "transfer.json")
+        storing_mark(incoming).unlink(missing_ok=True)
         reason = {
             "stage": "delivery",
             "status": status,

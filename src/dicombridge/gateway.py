@@ -8,8 +8,15 @@
     broker (control) --> receipts --> outbox (stored: entry removed; failed: kept)
 
 Everything runs on one asyncio loop in a ``TaskGroup``; pynetdicom's threads hand work to
-it explicitly. SIGTERM and SIGINT stop accepting, cancel the tasks and close the broker
-connections; anything not finished is on disk and resumes at the next start.
+it explicitly.
+
+Stopping (SIGTERM or SIGINT, ``stop`` set): the SCP stops listening and lets open
+associations finish within ``gateway.shutdown_grace_s`` (C-STOREs still waiting are
+answered 0xA700); the C-STORE under way to the local PACS finishes (its retries do not
+wait); owed receipts get a last chance to be confirmed; then the broker connections close
+(the broker hands unacked deliveries back to the queue) and ``run`` returns. What was not
+finished is on disk, in the outbox, spool or incoming, and resumes at the next start.
+A second signal stops at once.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from dicombridge.errors import (
 )
 from dicombridge.identity import LocalSite
 from dicombridge.outbox import Outbox
+from dicombridge.receipts import UnsentReceipts
 from dicombridge.scp import ReceivedInstance, ScpSettings, StorageSCP, StoreOutcome
 from dicombridge.scu import StoreSCU
 from dicombridge.spool import IncomingTransfer, Receiver, ReceiverIdentity
@@ -72,6 +80,9 @@ class Gateway:
             quarantine=root / "quarantine",
             settings=config.delivery,
         )
+        self.unsent_receipts = UnsentReceipts(root / "receipts")
+        self._receipt_queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self._receipts_queued: set[tuple[str, bytes]] = set()
         self._publish_queue: asyncio.Queue[str] = asyncio.Queue()
         self._transport: Transport | None = None
         self._broker_connected = asyncio.Event()
@@ -107,6 +118,7 @@ class Gateway:
             acse_timeout_s=gateway.acse_timeout_s,
             dimse_timeout_s=gateway.dimse_timeout_s,
             network_timeout_s=gateway.network_timeout_s,
+            shutdown_grace_s=gateway.shutdown_grace_s,
         )
 
     async def on_instance(self, instance: ReceivedInstance) -> StoreOutcome:
@@ -212,23 +224,54 @@ class Gateway:
     async def _resend_receipt(
         self, to_site: str, transfer_id: bytes, document: dict[str, Any]
     ) -> None:
-        receipt = Receipt.from_document({**document, "type": RECEIPT})
         log.info(
-            "receipt sent again for a re-sent transfer", extra={"transfer_id": transfer_id.hex()}
+            "receipt owed again for a re-sent transfer", extra={"transfer_id": transfer_id.hex()}
         )
-        await self._publish_receipt(to_site, receipt)
+        await self._owe_receipt(to_site, transfer_id, {**document, "type": RECEIPT})
 
     async def _send_receipt(self, to_site: str, receipt: Receipt) -> None:
-        """Send a receipt for a delivered (or given-up) transfer and remember it."""
-        # Recorded first: if publishing fails, the sender's re-send gets it again.
-        await asyncio.to_thread(
-            self.receiver.record_receipt, to_site, receipt.transfer_id, receipt.to_document()
-        )
-        await self._publish_receipt(to_site, receipt)
+        """Record the receipt of a delivered (or given-up) transfer and owe it to the sender.
 
-    async def _publish_receipt(self, to_site: str, receipt: Receipt) -> None:
-        await self._broker_connected.wait()
+        Recorded with the done marker first (a re-send of the transfer gets it again),
+        then kept in ``receipts/`` until the broker confirmed it; publishing happens in
+        the background, so delivery never waits for the broker.
+        """
+        document = receipt.to_document()
+        await asyncio.to_thread(
+            self.receiver.record_receipt, to_site, receipt.transfer_id, document
+        )
+        await self._owe_receipt(to_site, receipt.transfer_id, document)
+
+    async def _owe_receipt(
+        self, to_site: str, transfer_id: bytes, document: dict[str, Any]
+    ) -> None:
+        await asyncio.to_thread(self.unsent_receipts.add, to_site, transfer_id, document)
+        self._queue_receipt(to_site, transfer_id)
+
+    def _queue_receipt(self, to_site: str, transfer_id: bytes) -> None:
+        key = (to_site, transfer_id)
+        if key not in self._receipts_queued:
+            self._receipts_queued.add(key)
+            self._receipt_queue.put_nowait(key)
+
+    async def _receipt_publisher(self) -> None:
+        """Publish owed receipts, oldest first, until the broker confirmed each."""
+        for to_site, transfer_id, _document in list(self.unsent_receipts):
+            self._queue_receipt(to_site, transfer_id)
+        while True:
+            key = await self._receipt_queue.get()
+            try:
+                await self._publish_owed_receipt(*key)
+            finally:
+                self._receipts_queued.discard(key)
+                self._receipt_queue.task_done()
+
+    async def _publish_owed_receipt(self, to_site: str, transfer_id: bytes) -> None:
         assert self._transport is not None
+        document = await asyncio.to_thread(self.unsent_receipts.get, to_site, transfer_id)
+        if document is None:
+            return
+        receipt = Receipt.from_document(document)
         message_id, body = seal_control(
             receipt.to_document(),
             sender=self.site.sender,
@@ -236,15 +279,18 @@ class Gateway:
             recipient_site=to_site,
         )
         delay = 1.0
-        for _attempt in range(8):
+        while True:
             try:
                 await self._transport.publish("control", to_site, body, message_id=message_id)
-                return
+                break
             except TransportError as exc:
-                log.warning("receipt not published; retrying", extra={"error": type(exc).__name__})
-                await asyncio.sleep(delay)
+                log.warning(
+                    "receipt not published; retrying",
+                    extra={"transfer_id": transfer_id.hex(), "error": type(exc).__name__},
+                )
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 - jitter
                 delay = min(delay * 2, 30.0)
-        log.error("receipt dropped after retries", extra={"transfer_id": receipt.transfer_id.hex()})
+        await asyncio.to_thread(self.unsent_receipts.confirmed, to_site, transfer_id)
 
     async def _on_control(self, delivery: Delivery) -> None:
         message = open_control(
@@ -273,8 +319,10 @@ class Gateway:
 
     # --- lifecycle --------------------------------------------------------------------
 
-    async def run(self, *, scp_started: asyncio.Event | None = None) -> None:
-        """Serve until cancelled (or SIGTERM/SIGINT when run from the CLI)."""
+    async def run(
+        self, *, scp_started: asyncio.Event | None = None, stop: asyncio.Event | None = None
+    ) -> None:
+        """Serve until cancelled, or until ``stop`` is set (then stop gracefully)."""
         self._loop = asyncio.get_running_loop()
         self.outbox.recover()
         for entry in self.outbox.entries():
@@ -293,13 +341,34 @@ class Gateway:
                     group.create_task(self.deliverer.run())
                     group.create_task(self._rescan_incoming())
                     group.create_task(self._broker_side(scp_started))
+                    if stop is not None:
+                        group.create_task(self._stop_when(stop, scp))
                     log.info(
                         "gateway serving DICOM",
                         extra={"site": self.site.site_id, "port": scp.port},
                     )
+            except* _Stopped:
+                log.info("gateway stopped", extra={"site": self.site.site_id})
             finally:
                 for client in self._clients.values():
                     await asyncio.to_thread(client.close)
+
+    async def _stop_when(self, stop: asyncio.Event, scp: StorageSCP) -> None:
+        """Once ``stop`` is set: stop accepting, let in-flight work finish, then end ``run``."""
+        await stop.wait()
+        grace = self.site.config.gateway.shutdown_grace_s
+        log.info("stopping: no new associations", extra={"grace_s": grace})
+        await scp.stop()
+        deadline = asyncio.get_running_loop().time() + grace
+        if not await self.deliverer.finish(timeout_s=grace):
+            log.warning("stopping: a C-STORE to the local node did not finish in time")
+        if self._broker_connected.is_set():
+            # Receipts owed stay in receipts/ anyway; sending them now spares the senders
+            # a re-send.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await self._receipt_queue.join()
+        raise _Stopped
 
     async def _connect(self) -> Transport:
         """Connect to the broker, retrying with backoff while it is unreachable.
@@ -338,6 +407,7 @@ class Gateway:
                 group.create_task(transport.consume("bulk", self.receiver.handle))
                 group.create_task(transport.consume("control", self._on_control))
                 group.create_task(self._resender())
+                group.create_task(self._receipt_publisher())
                 for _ in range(PUBLISHERS):
                     group.create_task(self._publisher())
                 self.ready.set()
@@ -348,17 +418,31 @@ class Gateway:
             await transport.__aexit__(None, None, None)
 
 
+class _Stopped(Exception):
+    """Ends the gateway's task group once a graceful stop is done."""
+
+
 def run_gateway(config_path: Path) -> None:
-    """Load the site and serve until SIGTERM or SIGINT (the CLI's ``gateway run``)."""
+    """Load the site and serve until SIGTERM or SIGINT (the CLI's ``gateway run``).
+
+    The first signal stops gracefully (see the module docstring); a second one at once.
+    """
     site = LocalSite.load(config_path)
 
     async def main() -> None:
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+
+        def on_signal() -> None:
+            if stop.is_set():
+                task.cancel()
+            stop.set()
+
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, task.cancel)
+            loop.add_signal_handler(signum, on_signal)
         with contextlib.suppress(asyncio.CancelledError):
-            await Gateway(site).run()
+            await Gateway(site).run(stop=stop)
 
     asyncio.run(main())

@@ -48,6 +48,17 @@ ORTHANC_BINARY: Final = Path("/usr/sbin/Orthanc")
 CONFIG_FILE: Final = "orthanc.json"
 STATE_FILE: Final = "orthanc-state.json"
 LOG_FILE: Final = "orthanc.log"
+RECEIVED_LOG: Final = "received.log"
+# Orthanc calls ReceivedInstanceFilter for every instance it receives, before deciding
+# whether to store it (Orthanc Book, "Lua scripting", filtering incoming instances).
+_COUNTING_LUA: Final = """\
+function ReceivedInstanceFilter(dicom, origin, info)
+  local log = io.open(%s, "a")
+  log:write(dicom.SOPInstanceUID .. "\\n")
+  log:close()
+  return true
+end
+"""
 # Orthanc's allowed range for MaximumPduLength is [4096, 131072].
 ORTHANC_MAX_PDU_BYTES: Final = 131072
 _START_ATTEMPTS: Final = 3
@@ -110,6 +121,9 @@ class OrthancSettings:
     verbose_dicom: bool = False
     dicom_scp_timeout_s: int = 30
     sync_storage: bool = True
+    # Append the SOP Instance UID of every C-STORE received, stored or not (an Orthanc
+    # ignores an instance it holds already), to ``received.log``: duplicates show there.
+    count_received: bool = False
 
 
 @dataclass(frozen=True)
@@ -136,6 +150,15 @@ class OrthancServer:
     @property
     def storage_directory(self) -> Path:
         return self.workdir / "storage"
+
+    def received(self) -> list[str]:
+        """SOP Instance UIDs of every C-STORE received, in order, repeats included
+        (with ``OrthancSettings.count_received``)."""
+        try:
+            text = (self.workdir / RECEIVED_LOG).read_text(encoding="ascii")
+        except FileNotFoundError:
+            return []
+        return text.split()
 
     def client(self, *, timeout_s: float = 30.0) -> OrthancClient:
         """A REST client for this server (close it, or use it as a context manager)."""
@@ -366,13 +389,18 @@ def render(
 ) -> dict[str, Any]:
     """Orthanc's configuration for ``settings`` (see the module docstring for why)."""
     storage = workdir / "storage"
+    scripts = [str(path) for path in settings.lua_scripts]
+    if settings.count_received:
+        counting = workdir / "received.lua"
+        counting.write_text(_COUNTING_LUA % json.dumps(str(workdir / RECEIVED_LOG)))
+        scripts.append(str(counting))
     config: dict[str, Any] = {
         "Name": settings.name,
         "StorageDirectory": str(storage),
         "IndexDirectory": str(storage),
         "StorageCompression": False,
         "Plugins": [],
-        "LuaScripts": [str(path) for path in settings.lua_scripts],
+        "LuaScripts": scripts,
         "HttpServerEnabled": True,
         "HttpPort": http_port,
         "RemoteAccessAllowed": False,

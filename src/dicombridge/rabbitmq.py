@@ -92,6 +92,65 @@ class BrokerNode:
     def admin_amqp_url(self, vhost: str) -> str:
         return self.amqp_url(user=self.admin_user, password=self.admin_password, vhost=vhost)
 
+    def is_running(self) -> bool:
+        return _is_beam(self.pid)
+
+    def kill(self) -> None:
+        """kill -9 the node and return once its VM is gone: a crash."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while _is_beam(self.pid):
+            if time.monotonic() > deadline:
+                raise SandboxError(f"{self.node} (pid {self.pid}) survived SIGKILL for 30 s")
+            time.sleep(0.05)  # another process's exit: no event to wait on
+
+    def restart(
+        self,
+        *,
+        memory_mib: int,
+        timeout_s: int = 90,
+        cookie_file: Path | None = None,
+        join: str | None = None,
+    ) -> BrokerNode:
+        """Start the node again (after a crash or a stop) with its name, ports, data and
+        administrator; ``join`` and ``cookie_file`` for a node of a cluster."""
+        stop = subprocess.run(
+            [str(BROKER_SCRIPTS / "stop-node"), "--workdir", str(self.workdir)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=90,
+        )
+        if stop.returncode != 0 and (self.workdir / "node.json").exists():
+            raise SandboxError(f"broker/stop-node failed in {self.workdir}:\n{stop.stderr}")
+        password_file = self.workdir / "admin-password"
+        fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as out:
+            out.write(self.admin_password.get_secret_value())
+        arguments = [
+            "--workdir",
+            str(self.workdir),
+            "--node",
+            self.node,
+            "--amqp-port",
+            str(self.amqp_port),
+            "--mgmt-port",
+            str(self.mgmt_port),
+            "--dist-port",
+            str(self.dist_port),
+            "--memory-mib",
+            str(memory_mib),
+            "--admin-password-file",
+            str(password_file),
+        ]
+        if cookie_file is not None:
+            arguments += ["--cookie-file", str(cookie_file)]
+        if join is not None:
+            arguments += ["--join", join]
+        run_script("start-node", arguments, timeout_s=timeout_s, where=self.workdir)
+        return BrokerNode.from_workdir(self.workdir)
+
 
 # --- a RabbitMQ cluster on loopback (broker/start-cluster) -----------------------------
 
@@ -203,61 +262,20 @@ class BrokerCluster:
 
     def kill_node(self, index: int) -> None:
         """kill -9 node ``index`` (0-based) and return once its VM is gone: a crash."""
-        node = self.nodes[index]
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(node.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while _is_beam(node.pid):
-            if time.monotonic() > deadline:
-                raise SandboxError(f"{node.node} (pid {node.pid}) survived SIGKILL for 30 s")
-            time.sleep(0.05)  # another process's exit: no event to wait on
+        self.nodes[index].kill()
 
     def restart_node(self, index: int, *, timeout_s: int = 90) -> BrokerCluster:
         """Start node ``index`` again (after a crash or a stop) with its ports and data.
 
         It rejoins the cluster from its own data. Returns the cluster as it now is.
         """
-        node = self.nodes[index]
-        stop = subprocess.run(
-            [str(BROKER_SCRIPTS / "stop-node"), "--workdir", str(node.workdir)],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=90,
-        )
-        if stop.returncode != 0 and (node.workdir / "node.json").exists():
-            raise SandboxError(f"broker/stop-node failed in {node.workdir}:\n{stop.stderr}")
         peer = self.nodes[1 if index == 0 else 0]
-        command = [
-            str(BROKER_SCRIPTS / "start-node"),
-            "--workdir",
-            str(node.workdir),
-            "--node",
-            node.node,
-            "--amqp-port",
-            str(node.amqp_port),
-            "--mgmt-port",
-            str(node.mgmt_port),
-            "--dist-port",
-            str(node.dist_port),
-            "--memory-mib",
-            str(self.memory_mib),
-            "--timeout-s",
-            str(timeout_s),
-            "--cookie-file",
-            str(self.workdir / "erlang.cookie"),
-            "--admin-password-file",
-            str(self.workdir / "admin-password"),
-            "--join",
-            peer.node,
-        ]
-        result = subprocess.run(
-            command, capture_output=True, text=True, check=False, timeout=timeout_s + 30
+        self.nodes[index].restart(
+            memory_mib=self.memory_mib,
+            timeout_s=timeout_s,
+            cookie_file=self.workdir / "erlang.cookie",
+            join=peer.node,
         )
-        if result.returncode != 0:
-            raise SandboxError(
-                f"broker/start-node failed restarting {node.node}:\n{result.stderr[-4000:]}"
-            )
         return BrokerCluster.from_workdir(self.workdir)
 
 

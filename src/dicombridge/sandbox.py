@@ -1,9 +1,14 @@
 """A local federation for trying dicombridge out and for its tests.
 
-A RabbitMQ node on loopback (``rabbitmq.py``), a federation operator, and N sites with
-keys, configs, a signed directory and broker users, provisioned exactly as a real
-federation is: through the same functions the CLI calls; then one Orthanc and one
-gateway per site (``sandbox up``).
+A RabbitMQ node (or a cluster of nodes) on loopback (``rabbitmq.py``), a federation
+operator, and N sites with keys, configs, a signed directory and broker users,
+provisioned exactly as a real federation is: through the same functions the CLI calls;
+then one Orthanc and one gateway per site (``sandbox up``).
+
+``Sandbox.load(workdir)`` takes hold of a running sandbox again, to break it on purpose
+(the fault-injection suite): kill and restart a gateway, stop and start a PACS, kill
+and restart a broker node. Each PACS logs every C-STORE it receives, repeats included
+(``OrthancServer.received``), so an instance stored twice shows.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -36,7 +42,7 @@ from dicombridge.orthanc import (
     free_port,
     is_listening,
 )
-from dicombridge.rabbitmq import BrokerNode
+from dicombridge.rabbitmq import BrokerCluster, BrokerNode
 from dicombridge.topology import Limits, Permission, build_definitions
 
 
@@ -130,9 +136,17 @@ def _configure_site(
     gateway_port: int,
     pacs: OrthancServer,
     other_sites: list[str],
+    other_broker_ports: list[int],
 ) -> None:
-    """Give a freshly initialised site its gateway port, routes and local PACS node."""
+    """Give a freshly initialised site its gateway port, routes, local PACS node and,
+    in a cluster, the other nodes' URLs."""
     text = config_path.read_text(encoding="utf-8")
+    if other_broker_ports:
+        url = site_config.load(config_path).broker.url
+        others = [re.sub(r":\d+/", f":{port}/", url, count=1) for port in other_broker_ports]
+        text = text.replace(
+            f'url = "{url}"\n', f'url = "{url}"\nother_urls = {json.dumps(others)}\n', 1
+        )
     text = text.replace('ae_title = "DICOMBRIDGE"', f'ae_title = "{gateway_ae_title}"', 1)
     text = text.replace('host = "0.0.0.0"', 'host = "127.0.0.1"', 1)
     text = text.replace("port = 11112", f"port = {gateway_port}", 1)
@@ -163,15 +177,21 @@ def _echo(host: str, port: int, ae_title: str, *, timeout_s: float = 5.0) -> boo
         assoc.release()
 
 
+# Gateways this interpreter started, by pid: reaped by ``wait`` when stopped or killed.
+_GATEWAYS: Final[dict[int, subprocess.Popen[bytes]]] = {}
+
+
 def _start_gateway(config_path: Path, log_path: Path) -> subprocess.Popen[bytes]:
     with open(log_path, "ab") as log_file:
-        return subprocess.Popen(
+        process = subprocess.Popen(
             [sys.executable, "-m", "dicombridge", "gateway", "run", "--config", str(config_path)],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # outlives `sandbox up`; `sandbox down` stops it
         )
+    _GATEWAYS[process.pid] = process
+    return process
 
 
 def wait_gateway(
@@ -188,12 +208,18 @@ def wait_gateway(
     raise SandboxError(f"gateway on port {port} not ready after {timeout_s:.0f} s; see {log_path}")
 
 
-def sandbox_up(workdir: Path, *, sites: int, timeout_s: float = 120.0) -> dict[str, Any]:
-    """Start a broker, one Orthanc and one gateway per site; write and return sandbox.json.
+def sandbox_up(
+    workdir: Path, *, sites: int, broker_nodes: int = 1, timeout_s: float = 120.0
+) -> dict[str, Any]:
+    """Start a broker (a cluster of ``broker_nodes``), one Orthanc and one gateway per
+    site; write and return sandbox.json.
 
-    Each site reaches every other site's PACS through the route AE title ``SITE_X``.
-    On any failure, whatever was started is stopped again.
+    Each site reaches every other site's PACS through the route AE title ``SITE_X``; in
+    a cluster, gateways know every node's URL. On any failure, whatever was started is
+    stopped again.
     """
+    if not 1 <= broker_nodes <= 5:
+        raise SandboxError(f"--broker-nodes must be 1 to 5, not {broker_nodes}")
     workdir = workdir.resolve()
     if (workdir / SANDBOX_FILE).exists():
         raise SandboxError(
@@ -203,8 +229,14 @@ def sandbox_up(workdir: Path, *, sites: int, timeout_s: float = 120.0) -> dict[s
     ids = site_ids_for(sites)
     workdir.mkdir(parents=True, exist_ok=True)
     started: dict[str, Any] = {"workdir": str(workdir), "sites": []}
-    broker = BrokerNode.start(workdir / "broker")
-    started["broker"] = {"workdir": str(broker.workdir)}
+    cluster: BrokerCluster | None = None
+    if broker_nodes == 1:
+        broker = BrokerNode.start(workdir / "broker")
+        started["broker"] = {"workdir": str(broker.workdir)}
+    else:
+        cluster = BrokerCluster.start(workdir / "broker", nodes=broker_nodes)
+        broker = cluster.nodes[0]
+        started["broker"] = {"cluster": str(cluster.workdir)}
     try:
         federation = create_federation(
             workdir / "federation", broker=broker, site_ids=ids, vhost="sandbox"
@@ -222,6 +254,7 @@ def sandbox_up(workdir: Path, *, sites: int, timeout_s: float = 120.0) -> dict[s
                     modalities={
                         "gateway": DicomModality(gateway_ae, "127.0.0.1", gateway_port),
                     },
+                    count_received=True,
                 ),
             )
             entry: dict[str, Any] = {
@@ -244,6 +277,7 @@ def sandbox_up(workdir: Path, *, sites: int, timeout_s: float = 120.0) -> dict[s
                 gateway_port=gateway_port,
                 pacs=pacs,
                 other_sites=[o for o in ids if o != site_id],
+                other_broker_ports=cluster.amqp_ports[1:] if cluster else [],
             )
             log_path = site_dir / "gateway.log"
             process = _start_gateway(federation.site_configs[site_id], log_path)
@@ -262,6 +296,7 @@ def sandbox_up(workdir: Path, *, sites: int, timeout_s: float = 120.0) -> dict[s
                 timeout_s=timeout_s,
             )
         started["broker"] = {
+            **started["broker"],
             "workdir": str(broker.workdir),
             "node": broker.node,
             "amqp_url": broker.admin_amqp_url("sandbox"),
@@ -299,20 +334,43 @@ def _stop_everything(started: dict[str, Any]) -> list[str]:
         if pacs is not None:
             pacs.stop()
             stopped.append(f"orthanc {site['id']} (pid {pacs.pid})")
+    cluster_dir = started.get("broker", {}).get("cluster")
     broker_dir = started.get("broker", {}).get("workdir")
-    if broker_dir and (Path(broker_dir) / "node.json").exists():
+    if cluster_dir and (Path(cluster_dir) / "cluster.json").exists():
+        cluster = BrokerCluster.from_workdir(Path(cluster_dir))
+        cluster.stop()
+        stopped.append(f"rabbitmq cluster of {len(cluster.nodes)} nodes")
+    elif broker_dir and (Path(broker_dir) / "node.json").exists():
         broker = BrokerNode.from_workdir(Path(broker_dir))
         broker.stop()
         stopped.append(f"rabbitmq {broker.node} (pid {broker.pid})")
     return stopped
 
 
-def _terminate(pid: int, *, timeout_s: float = 20.0) -> bool:
+def _terminate(pid: int, *, timeout_s: float = 30.0) -> bool:
     """SIGTERM ``pid`` (a gateway drains and exits 0), SIGKILL after ``timeout_s``."""
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return False
+    if _wait_exit(pid, timeout_s=timeout_s):
+        return True
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    _wait_exit(pid, timeout_s=10)
+    return True
+
+
+def _wait_exit(pid: int, *, timeout_s: float) -> bool:
+    """Wait until ``pid`` is gone (reaping it if it is our child); True if it went."""
+    process = _GATEWAYS.get(pid)
+    if process is not None:
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return False
+        del _GATEWAYS[pid]
+        return True
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         with contextlib.suppress(ChildProcessError):
@@ -322,6 +380,136 @@ def _terminate(pid: int, *, timeout_s: float = 20.0) -> bool:
         except ProcessLookupError:
             return True
         time.sleep(0.1)  # another process's exit: no event to wait on
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    return True
+    return False
+
+
+# --- breaking a running sandbox on purpose --------------------------------------------
+
+
+@dataclass
+class Sandbox:
+    """A running sandbox, from its sandbox.json: what the fault-injection suite breaks."""
+
+    workdir: Path
+    state: dict[str, Any]
+
+    @classmethod
+    def load(cls, workdir: Path) -> Sandbox:
+        path = workdir / SANDBOX_FILE
+        try:
+            return cls(workdir, json.loads(path.read_text(encoding="utf-8")))
+        except FileNotFoundError as exc:
+            raise SandboxError(f"{path}: no sandbox running here") from exc
+
+    def _save(self) -> None:
+        write_durably(
+            self.workdir / SANDBOX_FILE, json.dumps(self.state, indent=2).encode(), mode=0o600
+        )
+
+    def site(self, site_id: str) -> dict[str, Any]:
+        for entry in self.state["sites"]:
+            if entry["id"] == site_id:
+                return dict(entry)
+        raise SandboxError(f"no site {site_id!r} in this sandbox")
+
+    def config_path(self, site_id: str) -> Path:
+        return Path(self.site(site_id)["config"])
+
+    # gateways
+
+    def gateway_pid(self, site_id: str) -> int:
+        return int(self.site(site_id)["gateway"]["pid"])
+
+    def kill_gateway(self, site_id: str) -> None:
+        """kill -9 the site's gateway: a crash at whatever moment it is."""
+        pid = self.gateway_pid(site_id)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        if not _wait_exit(pid, timeout_s=30):
+            raise SandboxError(f"gateway {site_id} (pid {pid}) survived SIGKILL")
+
+    def stop_gateway(self, site_id: str, *, timeout_s: float = 60.0) -> int | None:
+        """SIGTERM the gateway and wait; its exit status if it is our child."""
+        pid = self.gateway_pid(site_id)
+        process = _GATEWAYS.get(pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        if not _wait_exit(pid, timeout_s=timeout_s):
+            raise SandboxError(f"gateway {site_id} (pid {pid}) did not stop in {timeout_s} s")
+        return process.returncode if process is not None else None
+
+    def start_gateway(self, site_id: str, *, timeout_s: float = 60.0) -> int:
+        """Start the site's gateway again (same config and log); return its pid once ready."""
+        entry = self.site(site_id)
+        gateway = entry["gateway"]
+        log_path = Path(gateway["log"])
+        process = _start_gateway(Path(entry["config"]), log_path)
+        for site in self.state["sites"]:
+            if site["id"] == site_id:
+                site["gateway"]["pid"] = process.pid
+        self._save()
+        wait_gateway(
+            process,
+            port=int(gateway["port"]),
+            ae_title=gateway["ae_title"],
+            log_path=log_path,
+            timeout_s=timeout_s,
+        )
+        return process.pid
+
+    # PACS
+
+    def pacs(self, site_id: str) -> OrthancServer:
+        pacs = OrthancServer.from_workdir(Path(self.site(site_id)["pacs"]["workdir"]))
+        if pacs is None:
+            raise SandboxError(f"the PACS of {site_id} was not started by this sandbox")
+        return pacs
+
+    def stop_pacs(self, site_id: str) -> None:
+        self.pacs(site_id).stop()
+
+    def start_pacs(self, site_id: str) -> OrthancServer:
+        """Start the site's PACS again on its ports, with its data."""
+        entry = self.site(site_id)
+        pacs, gateway = entry["pacs"], entry["gateway"]
+        server = OrthancServer.start(
+            Path(pacs["workdir"]),
+            OrthancSettings(
+                ae_title=pacs["ae_title"],
+                name=f"sandbox-{site_id}",
+                dicom_port=int(pacs["port"]),
+                http_port=int(pacs["rest_url"].rsplit(":", 1)[1]),
+                modalities={
+                    "gateway": DicomModality(gateway["ae_title"], "127.0.0.1", gateway["port"]),
+                },
+                count_received=True,
+            ),
+        )
+        for site in self.state["sites"]:
+            if site["id"] == site_id:
+                site["pacs"]["pid"] = server.pid
+        self._save()
+        return server
+
+    # broker
+
+    def broker_nodes(self) -> list[BrokerNode]:
+        broker = self.state["broker"]
+        if "cluster" in broker:
+            return list(BrokerCluster.from_workdir(Path(broker["cluster"])).nodes)
+        return [BrokerNode.from_workdir(Path(broker["workdir"]))]
+
+    def kill_broker_node(self, index: int = 0) -> BrokerNode:
+        node = self.broker_nodes()[index]
+        node.kill()
+        return node
+
+    def restart_broker_node(self, index: int = 0) -> BrokerNode:
+        broker = self.state["broker"]
+        if "cluster" in broker:
+            cluster = BrokerCluster.from_workdir(Path(broker["cluster"]))
+            return cluster.restart_node(index).nodes[index]
+        node = self.broker_nodes()[0].restart(memory_mib=1024)
+        broker["pid"] = node.pid
+        self._save()
+        return node

@@ -43,6 +43,7 @@ from ssl import SSLContext
 from types import TracebackType
 from typing import Any, Final, Self
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
@@ -81,6 +82,11 @@ MIN_PDU_BYTES: Final = 16 * 1024
 MAX_PDU_BYTES: Final = 4 * 1024 * 1024
 # A-ASSOCIATE-RJ result 2 is rejected-transient (PS3.8 9.3.4).
 _REJECTED_TRANSIENT: Final = 0x02
+# Study Root Query/Retrieve Information Model - FIND (PS3.4 C.4.1): asking the node
+# whether it already holds an instance whose C-STORE response was lost.
+STUDY_ROOT_FIND: Final = "1.2.840.10008.5.1.4.1.2.2.1"
+# C-FIND pending statuses (PS3.4 C.4.1.1.4): a match follows.
+_FIND_PENDING: Final = (0xFF00, 0xFF01)
 # P-DATA primitives a C-STORE may queue ahead of the socket (each at most the peer's
 # maximum PDU size): the bound on what a from-file send holds in memory.
 MAX_QUEUED_PDUS: Final = 8
@@ -358,6 +364,57 @@ class StoreSCU:
             finally:
                 self._last_used = time.monotonic()
                 self._arm_idle_timer()
+
+    def holds(self, path: Path | str) -> bool | None:
+        """Does the node already hold the instance in ``path``? Blocking.
+
+        Asked before sending again an instance whose C-STORE response never came (the
+        gateway crashed, or the association broke, after the request went out): a
+        C-FIND at IMAGE level (Study Root, with the study, series and instance UIDs, so
+        that a strictly hierarchical PACS can answer too), on an association of its own.
+        True or False as the node answers; None when it cannot say (no C-FIND there,
+        refused, no answer), and the caller then stores again: at least once.
+        """
+        try:
+            ident = dcmread(
+                path,
+                stop_before_pixels=True,
+                specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"],
+            )
+            query = Dataset()
+            query.QueryRetrieveLevel = "IMAGE"
+            query.StudyInstanceUID = ident.StudyInstanceUID
+            query.SeriesInstanceUID = ident.SeriesInstanceUID
+            query.SOPInstanceUID = uid = str(ident.SOPInstanceUID)
+        except (OSError, ValueError, AttributeError, EOFError, InvalidDicomError):
+            return None
+        ae = _AE(ae_title=self.calling_ae_title)
+        ae.add_requested_context(STUDY_ROOT_FIND)
+        ae.connection_timeout = self._ae.connection_timeout
+        ae.acse_timeout = self._ae.acse_timeout
+        ae.dimse_timeout = self._ae.dimse_timeout
+        ae.network_timeout = self._ae.network_timeout
+        assoc = ae.associate(
+            self.node.host, self.node.port, ae_title=self.node.ae_title, max_pdu=self.max_pdu_bytes
+        )
+        if not assoc.is_established:
+            return None
+        found = False
+        try:
+            for status, identifier in assoc.send_c_find(query, STUDY_ROOT_FIND):
+                code = _status_of(status)
+                if code in _FIND_PENDING:
+                    found = found or (
+                        identifier is not None and identifier.get("SOPInstanceUID") == uid
+                    )
+                elif code == STATUS_SUCCESS:
+                    return found
+                else:
+                    return None  # failed, cancelled or no answer: the node cannot say
+            return None
+        finally:
+            if assoc.is_established:
+                assoc.release()
 
     def close(self) -> None:
         """Release the association (if any); further ``store`` calls raise."""
@@ -664,7 +721,7 @@ class StoreSCU:
 
 
 def _status_of(response: Dataset | Any) -> int | None:
-    """The (0000,0900) Status of a C-STORE response, or None if there was none."""
+    """The (0000,0900) Status of a DIMSE response, or None if there was none."""
     if response is None or "Status" not in response:
         return None
     return int(response.Status)
