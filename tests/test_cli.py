@@ -195,3 +195,83 @@ def test_provision_dry_run_prints_definitions_without_passwords(
     for site in ("hosp-a", "hosp-b"):
         password = (operator_dir / "broker-users" / site).read_text().strip()
         assert password not in result.stdout
+
+
+def retention_site(tmp_path: Path) -> tuple[Path, Path]:
+    """A site whose var/ holds an outbox entry 20 days old, a quarantined transfer 40 days
+    old and a fresh done marker, laid out as the gateway writes them."""
+    from datetime import UTC, datetime, timedelta
+
+    run("init", "--site", "hosp-a", "--dir", tmp_path / "a")
+    var = tmp_path / "a" / "var"
+    now = datetime.now(UTC)
+    entry = var / "outbox" / ("0a" * 16)
+    entry.mkdir(parents=True)
+    (entry / "transfer.json").write_text(
+        json.dumps({"transfer_id": "0a" * 16, "recipient_site": "hosp-b"})
+    )
+    (entry / "fragments.bin").write_bytes(b"\0" * 3000)
+    (entry / "state.json").write_text(
+        json.dumps({"created_at": (now - timedelta(days=20)).isoformat(), "attempts": 1})
+    )
+    held = var / "quarantine" / "hosp-b" / ("0b" * 16)
+    held.mkdir(parents=True)
+    (held / "instance.dcm").write_bytes(b"\0" * 2000)
+    (held / "reason.json").write_text(
+        json.dumps({"stage": "delivery", "at": (now - timedelta(days=40)).isoformat()})
+    )
+    (var / "done" / "hosp-b").mkdir(parents=True)
+    (var / "done" / "hosp-b" / ("0c" * 16)).write_text(now.isoformat())
+    return tmp_path / "a" / "gateway.toml", var
+
+
+def test_retention_show_reports_each_area_against_its_limits(tmp_path: Path) -> None:
+    """`retention show` marks the outbox (alarm only) and quarantine (purge) as over."""
+    config, _ = retention_site(tmp_path)
+    report = json.loads(run("retention", "show", "--config", config, "--json").stdout)
+    areas = {a["area"]: a for a in report["areas"]}
+    assert report["level"] == "over"
+    assert (areas["outbox"]["level"], areas["outbox"]["past_limit_action"]) == ("over", "alarm")
+    assert areas["outbox"]["oldest_age_s"] >= 20 * 86400
+    assert areas["outbox"]["max_age_s"] == 14 * 86400
+    assert areas["outbox"]["max_bytes"] == 10 * 1024**3
+    assert (areas["quarantine"]["level"], areas["quarantine"]["past_limit"]) == ("over", 1)
+    assert (areas["done"]["count"], areas["done"]["level"]) == (1, "ok")
+    assert (areas["spool"]["count"], areas["spool"]["oldest_age_s"]) == (0, None)
+    table = run("retention", "show", "--config", config).stdout
+    assert "OVER" in table
+    assert "alarm only" in table
+    assert "20.0d" in table
+    assert "overall: over" in table
+
+
+def test_retention_purge_dry_run_then_purge(tmp_path: Path) -> None:
+    """`--dry-run` lists the old quarantined transfer and keeps it; `purge` deletes it and
+    keeps the outbox entry (purge_outbox is off)."""
+    config, var = retention_site(tmp_path)
+    listed = json.loads(run("retention", "purge", "--config", config, "--dry-run", "--json").stdout)
+    assert [(r["area"], r["id"], r["site"]) for r in listed] == [
+        ("quarantine", "0b" * 16, "hosp-b")
+    ]
+    assert (var / "quarantine" / "hosp-b" / ("0b" * 16) / "instance.dcm").exists()
+    result = run("retention", "purge", "--config", config)
+    assert "purged 1 item(s)" in result.stdout
+    assert "purge_outbox = false" in result.stdout
+    assert not (var / "quarantine" / "hosp-b" / ("0b" * 16)).exists()
+    assert (var / "outbox" / ("0a" * 16) / "fragments.bin").exists()
+    assert json.loads(run("retention", "purge", "--config", config, "--json").stdout) == []
+
+
+def test_retention_config_error_names_file_field_and_fix(tmp_path: Path) -> None:
+    """Done markers kept shorter than outbox entries: exit 2 with file, field and fix."""
+    config, _ = retention_site(tmp_path)
+    config.write_text(
+        config.read_text().replace("done_max_age_days = 90", "done_max_age_days = 10")
+    )
+    result = run("retention", "show", "--config", config, ok=False)
+    assert result.returncode == 2
+    assert str(config) in result.stderr
+    assert "retention:" in result.stderr
+    assert "done_max_age_days" in result.stderr
+    assert "Fix:" in result.stderr
+    assert "Traceback" not in result.stderr

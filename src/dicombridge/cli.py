@@ -17,9 +17,9 @@ import typer
 from pydantic import SecretStr
 
 from dicombridge import config as site_config
-from dicombridge import identity
+from dicombridge import identity, retention
 from dicombridge.errors import BridgeError, ConfigError
-from dicombridge.keys import SiteKeys
+from dicombridge.keys import SiteKeys, utc_now
 from dicombridge.management import ManagementClient
 from dicombridge.operator import OperatorWorkspace
 from dicombridge.outbox import Outbox
@@ -413,6 +413,90 @@ def outbox_list(config: ConfigOption = Path("gateway.toml"), as_json: JsonOption
         f"{outbox.count} transfer(s), {outbox.used_bytes} bytes "
         f"(caps {outbox.max_count} transfers, {outbox.max_bytes} bytes)"
     )
+
+
+retention_app = typer.Typer(
+    help="How long outbox, spool, quarantine and done markers keep things: show, purge.",
+    no_args_is_help=True,
+)
+app.add_typer(retention_app, name="retention")
+
+
+def _age_text(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _size_text(size: int) -> str:
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
+
+
+@retention_app.command("show")
+def retention_show(
+    config: ConfigOption = Path("gateway.toml"), as_json: JsonOption = False
+) -> None:
+    """Each storage area: count, size, oldest item against its age limit, alarm level."""
+    cfg = site_config.load(config)
+    report = retention.survey(
+        cfg.storage.root,
+        cfg.retention,
+        utc_now(),
+        outbox_max_bytes=cfg.outbox.max_bytes,
+        outbox_max_count=cfg.outbox.max_count,
+    )
+    if as_json:
+        _out(json.dumps(report.summary(), indent=2))
+        return
+    rows: list[dict[str, object]] = [
+        {
+            "area": area.area,
+            "count": area.count if area.max_count is None else f"{area.count}/{area.max_count}",
+            "size": _size_text(area.size_bytes)
+            + ("" if area.max_bytes is None else f" / {_size_text(area.max_bytes)}"),
+            "oldest": _age_text(area.oldest_age_s),
+            "max_age": _age_text(area.max_age_s),
+            "past_limit": area.past_limit,
+            "then": "purge" if area.purged else "alarm only",
+            "level": area.level.upper() if area.level != "ok" else "ok",
+        }
+        for area in report.areas
+    ]
+    _table(rows, ["area", "count", "size", "oldest", "max_age", "past_limit", "then", "level"])
+    _out(f"overall: {report.level} (warning at {cfg.retention.warn_at_fraction:.0%} of a limit)")
+
+
+@retention_app.command("purge")
+def retention_purge(
+    config: ConfigOption = Path("gateway.toml"),
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List what is past its age; delete nothing.")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Delete what is past its age: spool, quarantine, done markers (outbox only if
+    purge_outbox is on). The gateway does this by itself every check_interval_s."""
+    cfg = site_config.load(config)
+    removed = retention.purge(cfg.storage.root, cfg.retention, utc_now(), dry_run=dry_run)
+    rows = [item.summary() for item in removed]
+    if as_json:
+        _out(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        row["id"] = str(row["id"])[:12]
+        row["age"] = _age_text(float(row.pop("age_s")))
+    _table(rows, ["area", "id", "site", "size_bytes", "age"])
+    verb = "would purge" if dry_run else "purged"
+    total = sum(item.size_bytes for item in removed)
+    _out(f"{verb} {len(rows)} item(s), {total} bytes")
+    if not cfg.retention.purge_outbox:
+        _out("outbox entries are kept past their age (alarm only; purge_outbox = false)")
 
 
 def _admin_password(path: Path | None) -> SecretStr:

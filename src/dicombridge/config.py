@@ -33,6 +33,7 @@ _FIXES: Final = {
     "site.id": "use the lowercase slug the federation operator assigned (a-z, 0-9, '-')",
     "broker.url": "write amqp[s]://USER@HOST[:PORT]/VHOST and put the password in password_file",
     "directory.operator_key": "paste the output of `dicombridge operator key` from the operator",
+    "retention": "raise done_max_age_days above outbox_max_age_days and spool_max_age_days",
 }
 _DEFAULT_FIX: Final = "compare with the commented file that `dicombridge init` writes"
 
@@ -177,6 +178,46 @@ class DeliverySection(_Section):
     give_up_after_s: float = Field(default=24 * 3600.0, gt=0)
 
 
+class RetentionSection(_Section):
+    """How long outbox, spool, quarantine, incoming and done markers may keep things.
+
+    Outbox, spool, incoming and quarantine hold PHI (sealed or plaintext); done markers
+    hold only transfer ids and receipts. Ages are in days. Spool (incomplete transfers:
+    the sender still holds them and re-sends), quarantine and done markers past their
+    age are purged. The outbox is *not* purged unless ``purge_outbox`` is set: an entry
+    there is an instance the recipient has not confirmed stored, and deleting it is data
+    loss; past its age it raises an alarm. ``incoming/`` (verified, waiting for the local
+    PACS) is never purged (delivery quarantines it after ``give_up_after_s``); only an
+    alarm. An area warns when its oldest item reaches ``warn_at_fraction`` of its age, or
+    its size that fraction of its byte limit (the outbox's is ``[outbox] max_bytes``).
+    """
+
+    check_interval_s: float = Field(default=3600.0, ge=10, le=86400)
+    warn_at_fraction: float = Field(default=0.8, gt=0, lt=1)
+    outbox_max_age_days: float = Field(default=14.0, ge=1)
+    purge_outbox: bool = False
+    spool_max_age_days: float = Field(default=7.0, ge=1)
+    quarantine_max_age_days: float = Field(default=30.0, ge=1)
+    incoming_max_age_days: float = Field(default=2.0, ge=1)
+    # Done markers drop replays and re-sends: keep them longer than anything can wait.
+    done_max_age_days: float = Field(default=90.0, ge=7)
+    # Sizes that raise the alarm (nothing is deleted for its size); unset: no size alarm.
+    spool_max_bytes: int | None = Field(default=None, ge=1)
+    quarantine_max_bytes: int | None = Field(default=None, ge=1)
+    incoming_max_bytes: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _done_outlives_the_rest(self) -> RetentionSection:
+        longest = max(self.outbox_max_age_days, self.spool_max_age_days)
+        if self.done_max_age_days <= longest:
+            raise ValueError(
+                f"done_max_age_days ({self.done_max_age_days:g}) must be longer than "
+                f"outbox_max_age_days and spool_max_age_days ({longest:g}): a transfer "
+                "re-sent or redelivered after its done marker is gone reaches the PACS twice"
+            )
+        return self
+
+
 class SiteConfig(_Section):
     """The whole of ``gateway.toml``; paths already resolved against its directory."""
 
@@ -191,6 +232,7 @@ class SiteConfig(_Section):
     local_nodes: list[LocalNode] = Field(default_factory=list)
     outbox: OutboxSection = OutboxSection()
     delivery: DeliverySection = DeliverySection()
+    retention: RetentionSection = RetentionSection()
     source: Path = Path()
 
     @model_validator(mode="after")
@@ -376,4 +418,29 @@ resend_after_s = 900
 retry_initial_s = 1
 retry_max_s = 60
 give_up_after_s = 86400
+
+[retention]
+# Outbox, spool, incoming and quarantine hold PHI. Ages in days; the gateway checks every
+# check_interval_s, logs a warning when an area's oldest item reaches warn_at_fraction of
+# its age (or its size that fraction of its byte limit), and purges what is past its age
+# (`dicombridge retention show` and `purge` do the same by hand).
+check_interval_s = 3600
+warn_at_fraction = 0.8
+# Instances not yet confirmed stored by their recipient: past this age, an alarm only.
+outbox_max_age_days = 14
+# true: also delete outbox entries past their age. They were never confirmed stored:
+# deleting them loses those instances for the recipient.
+purge_outbox = false
+# Incomplete transfers (fragments without the rest); the sender re-sends from its outbox.
+spool_max_age_days = 7
+# Transfers set aside (see `dicombridge quarantine list`); retry them before this age.
+quarantine_max_age_days = 30
+# Verified instances waiting for the local PACS: an alarm only, never purged.
+incoming_max_age_days = 2
+# Ids of transfers done (no PHI), kept to drop replays: longer than any queue wait.
+done_max_age_days = 90
+# Optional size alarms in bytes (the outbox uses [outbox] max_bytes):
+# spool_max_bytes = 10737418240
+# quarantine_max_bytes = 10737418240
+# incoming_max_bytes = 10737418240
 """
