@@ -32,6 +32,7 @@ from dicombridge.management import ManagementClient
 from dicombridge.orthanc import free_port
 from dicombridge.rabbitmq import BrokerNode
 from dicombridge.sandbox import Federation, create_federation
+from dicombridge.topology import Limits
 from tests.dicomkit import PHI_MARKER, shipped_file
 
 CT_IMAGE_STORAGE: Final = "1.2.840.10008.5.1.4.1.1.2"
@@ -103,12 +104,16 @@ def make_two_sites(
     vhost: str,
     routes: Sequence[Route],
     nodes_b: Sequence[LocalNode],
+    limits: Limits | None = None,
 ) -> TwoSites:
-    """Provision sites A and B (unique ids: broker users are global) and configure them
-    as the sandbox does: A's route AE titles lead to B's local nodes."""
+    """Provision sites A and B (unique ids: broker users are global), with queue
+    ``limits``, and configure them as the sandbox does: A's route AE titles lead to B's
+    local nodes."""
     suffix = secrets.token_hex(3)
     site_a, site_b = f"a-{suffix}", f"b-{suffix}"
-    federation = create_federation(root, broker=broker, site_ids=[site_a, site_b], vhost=vhost)
+    federation = create_federation(
+        root, broker=broker, site_ids=[site_a, site_b], vhost=vhost, limits=limits
+    )
     port_a, port_b = free_port(), free_port()
     _configure(
         federation.site_configs[site_a],

@@ -1,5 +1,6 @@
-"""Broker unreachable: the gateway keeps accepting into its outbox, then answers 0xA700,
-and drains by itself once the broker is reachable."""
+"""Broker unreachable, or the recipient's queue full (``reject-publish``): the gateway
+keeps accepting into its outbox, then answers 0xA700, and drains by itself once the
+broker is reachable or the queue has room again."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from dicombridge.identity import LocalSite
 from dicombridge.management import ManagementClient
 from dicombridge.orthanc import free_port, is_listening
 from dicombridge.rabbitmq import BrokerNode
+from dicombridge.topology import Limits, PlaneLimits
 from tests.brokerkit import wait_until
 from tests.pacskit import StoreSCPNode
 from tests.relaykit import Route, ct_series, delete_users, make_two_sites, running_gateways
@@ -141,4 +143,58 @@ async def test_outbox_absorbs_then_refuses_then_drains_when_the_broker_returns(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        delete_users(management, sites)
+
+
+async def test_full_recipient_queue_keeps_instances_in_the_outbox_until_it_has_room(  # noqa: PLR0917 - fixtures
+    rabbitmq_node: BrokerNode,
+    management: ManagementClient,
+    vhost: str,
+    storescp: StoreSCPNode,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """B is offline and its bulk queue (capped at 1 MiB, reject-publish) fills: the broker
+    nacks A's publishes, A keeps the instances in its outbox and accepts up to its cap,
+    then answers 0xA700; once B consumes again every accepted instance arrives."""
+    node = LocalNode(name="PACS", ae_title="PACS_B", host="127.0.0.1", port=storescp.port)
+    sites = make_two_sites(
+        tmp_path / "fed",
+        broker=rabbitmq_node,
+        vhost=vhost,
+        routes=[Route(ROUTE, "PACS")],
+        nodes_b=[node],
+        limits=Limits(bulk=PlaneLimits(max_length_bytes=1024 * 1024)),
+    )
+    config_a = sites.config_a
+    config_a.write_text(config_a.read_text().replace("max_count = 100000", "max_count = 4"))
+    files = ct_series(tmp_path / "series", 5, rows=512, columns=512)  # ~0.5 MB each
+    try:
+        async with running_gateways(config_a) as (gateway_a,):
+            statuses = await asyncio.to_thread(store_statuses, sites.port_a, files)
+            assert statuses[:4] == ["success"] * 4
+            assert "0xa700" in statuses[4].lower()
+            assert "outbox full" in statuses[4]
+
+            async def refused_by_the_full_queue() -> bool:
+                return any(
+                    record.getMessage() == "publish failed; retrying"
+                    and getattr(record, "error", None) == "PublishRefusedError"
+                    for record in caplog.records
+                )
+
+            await wait_until(refused_by_the_full_queue, timeout_s=30, what="a refused publish")
+            assert any(not e.published for e in gateway_a.outbox.entries()), (
+                "refused instances wait in the outbox"
+            )
+            async with running_gateways(sites.config_b):
+
+                async def drained() -> bool:
+                    return gateway_a.outbox.count == 0
+
+                await wait_until(drained, timeout_s=120, interval_s=0.5, what="A's outbox")
+        for path in files[:4]:
+            uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+            assert storescp.stored(uid) is not None
+    finally:
         delete_users(management, sites)
