@@ -1,17 +1,70 @@
-"""The sender's outbox: caps, what is due for a re-send, what a receipt does."""
+"""The sender's outbox: caps, what is due for a re-send, what a receipt does, a full disk."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
+import logging
 import os
+import shutil
+import subprocess
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from dicombridge.control import Receipt
-from dicombridge.errors import OutboxFullError
+from dicombridge.errors import OutboxDiskFullError, OutboxFullError
 from dicombridge.fragments import SealedTransfer
 from dicombridge.outbox import Outbox
 from tests.cryptokit import Federation, make_federation
+
+PAGE = 4096
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(path: Path, *, size_bytes: int) -> Iterator[Path]:
+    """A tmpfs of ``size_bytes`` mounted at ``path``, unmounted after: a disk that fills.
+
+    Needs root; a tmpfs that cannot be mounted fails the test (never a skip).
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_bytes},mode=0755", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.fail(
+            f"cannot mount a tmpfs at {path} (these tests need root): {mounted.stderr.strip()}",
+            pytrace=False,
+        )
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], check=False).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(path)], check=True)
+
+
+def fill_disk(directory: Path, *, leave_bytes: int = 0) -> Path:
+    """Write a filler file in ``directory`` until about ``leave_bytes`` stay free."""
+    filler = directory / "filler"
+    chunk = b"\0" * (64 * 1024)
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        while (room := shutil.disk_usage(directory).free - leave_bytes) > 0:
+            try:
+                os.write(fd, chunk[: min(len(chunk), room)])
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                break
+    finally:
+        os.close(fd)
+    return filler
 
 
 @pytest.fixture
@@ -94,3 +147,120 @@ def test_stored_receipt_removes_the_entry_only_from_its_recipient(
     assert outbox.get(sealed.transfer_id_hex) is None
     assert not sealed.path.exists()
     assert outbox.count == 0
+
+
+# --- a full disk ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_outbox_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs for the outbox."""
+    with mounted_tmpfs(tmp_path / "outbox", size_bytes=1024 * 1024) as path:
+        yield path
+
+
+def outbox_files(outbox: Path) -> list[str]:
+    return sorted(p.name for p in outbox.iterdir())
+
+
+def test_admit_on_a_full_disk_leaves_nothing_and_works_once_there_is_room(
+    fed: Federation, tmp_path: Path, small_outbox_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ENOSPC while sealing raises OutboxDiskFullError (an OutboxFullError: 0xA700), removes
+    the half-written .sealing directory, logs the directory and the bytes free; after room
+    is freed the same instance is admitted."""
+    outbox = Outbox(small_outbox_disk, max_bytes=10**9, max_count=100)
+    source = tmp_path / "instance.bin"
+    source.write_bytes(os.urandom(300_000))
+    filler = fill_disk(small_outbox_disk, leave_bytes=100_000)
+    with (
+        caplog.at_level(logging.ERROR, logger="dicombridge.outbox"),
+        pytest.raises(OutboxDiskFullError, match="bytes free") as info,
+    ):
+        outbox.admit(
+            source,
+            sender=fed.sender("hosp-a"),
+            directory=fed.directory,
+            site="hosp-b",
+            fragment_size=65536,
+            meta={"node": "PACS"},
+        )
+    assert isinstance(info.value, OutboxFullError)
+    assert info.value.transient
+    assert isinstance(info.value.__cause__, OSError)
+    assert info.value.__cause__.errno == errno.ENOSPC
+    assert outbox_files(small_outbox_disk) == ["filler"]
+    assert (outbox.count, outbox.used_bytes, outbox.entries()) == (0, 0, [])
+    [record] = [r for r in caplog.records if r.name == "dicombridge.outbox"]
+    assert record.levelno == logging.ERROR
+    assert "disk full" in record.getMessage()
+    assert record.__dict__["directory"] == str(small_outbox_disk)
+    assert 0 <= record.__dict__["free_bytes"] < 300_000
+
+    filler.unlink()
+    sealed = outbox.admit(
+        source,
+        sender=fed.sender("hosp-a"),
+        directory=fed.directory,
+        site="hosp-b",
+        fragment_size=65536,
+        meta={"node": "PACS"},
+    )
+    assert outbox_files(small_outbox_disk) == [sealed.transfer_id_hex]
+    assert outbox.count == 1
+    entry = outbox.get(sealed.transfer_id_hex)
+    assert entry is not None
+    assert entry.state["attempts"] == 0
+    assert not entry.published
+
+
+def test_disk_full_after_the_fragments_fit_leaves_no_entry(
+    fed: Federation, tmp_path: Path, small_outbox_disk: Path
+) -> None:
+    """When the fragments fit but the manifest or the small files after them do not, the
+    transfer is still taken back whole: no entry, no .sealing leftover."""
+    source = tmp_path / "instance.bin"
+    source.write_bytes(os.urandom(200_000))
+    trial = fed.seal(source, tmp_path / "trial", fragment_size=65536)
+    fragments_bytes = (trial.path / "fragments.bin").stat().st_size
+    outbox = Outbox(small_outbox_disk, max_bytes=10**9, max_count=100)
+    # Room for fragments.bin, rounded up to whole pages, and not a page more.
+    fill_disk(small_outbox_disk, leave_bytes=-(-fragments_bytes // PAGE) * PAGE)
+    with pytest.raises(OutboxDiskFullError) as info:
+        outbox.admit(
+            source,
+            sender=fed.sender("hosp-a"),
+            directory=fed.directory,
+            site="hosp-b",
+            fragment_size=65536,
+            meta={"node": "PACS"},
+        )
+    cause = info.value.__cause__
+    assert cause is not None
+    failed_in = [frame.name for frame in traceback.extract_tb(cause.__traceback__)]
+    assert "write_durably" in failed_in  # the manifest (or a file after it), not fragments.bin
+    assert outbox_files(small_outbox_disk) == ["filler"]
+    assert outbox.count == 0
+
+
+def test_state_not_saved_on_a_full_disk_keeps_the_entry(
+    fed: Federation, tmp_path: Path, small_outbox_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Marking an entry published on a full disk logs the error and goes on: the entry
+    stays whole with its old state (published again at the next start), no temp file."""
+    outbox = Outbox(small_outbox_disk, max_bytes=10**9, max_count=100)
+    sealed = admit(outbox, fed, tmp_path, 10_000)
+    fill_disk(small_outbox_disk)
+    with caplog.at_level(logging.ERROR, logger="dicombridge.outbox"):
+        outbox.mark_published(sealed.transfer_id_hex)
+    assert any("state not saved" in r.getMessage() for r in caplog.records)
+    entry = outbox.get(sealed.transfer_id_hex)
+    assert entry is not None
+    assert not entry.published
+    assert sorted(p.name for p in sealed.path.iterdir()) == [
+        "fragments.bin",
+        "manifest.msg",
+        "state.json",
+        "transfer.json",
+    ]
+    assert json.loads((sealed.path / "state.json").read_text())["attempts"] == 0

@@ -24,6 +24,7 @@ enter (``raise X from exc``), never passed through.
     │   ├── PublishRefusedError           nacked, returned or rejected (queue full)
     │   └── PermissionDeniedError         the broker refused an operation (permanent)
     ├── OutboxFullError             the outbox reached a cap: answer 0xA700 (transient)
+    │   └── OutboxDiskFullError           its disk (or quota) has no room left
     ├── ProvisionError              provisioning through the management API failed
     ├── SandboxError                the local sandbox could not start or stop
     │   └── OrthancError                  a sandbox/test Orthanc's REST API failed
@@ -117,6 +118,14 @@ class OutboxFullError(BridgeError):
     """The outbox reached its byte or count cap; the SCP answers 0xA700 until it drains."""
 
     transient = True
+
+
+class OutboxDiskFullError(OutboxFullError):
+    """The outbox's file system (or quota) had no room for an instance (ENOSPC, EDQUOT).
+
+    Nothing of the instance is left in the outbox; the SCP answers 0xA700, and the same
+    instance is admitted once space is freed.
+    """
 
 
 class ProvisionError(BridgeError):

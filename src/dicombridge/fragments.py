@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -137,12 +137,18 @@ def seal_file(
     fragment_size: int = DEFAULT_FRAGMENT_SIZE,
     meta: dict[str, Any] | None = None,
     transfer_id: bytes | None = None,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> SealedTransfer:
     """Seal ``source`` for ``recipient`` into a new directory under ``parent``.
 
     One pass over the file: each chunk is hashed and encrypted under a fresh content key
     and appended to ``fragments.bin``; the manifest, which needs the hash, is sealed last.
+    ``extra_files`` (name -> bytes, e.g. the outbox's state) are written with them.
     Everything is fsynced before this returns. ``meta`` travels sealed and signed.
+
+    The transfer is built in a hidden ``.<id>.sealing`` directory and renamed into place
+    whole: if anything fails (a full disk: ENOSPC), nothing of it is left under
+    ``parent`` and the error goes on.
     """
     if not 1 <= fragment_size <= MAX_FRAGMENT_SIZE:
         raise ValueError(f"fragment_size must be 1..{MAX_FRAGMENT_SIZE} bytes")
@@ -155,6 +161,7 @@ def seal_file(
     work = parent / f".{transfer_id.hex()}.sealing"
     work.mkdir(parents=True)
     digest = hashlib.sha256()
+    renamed = False
     try:
         with open(source, "rb") as src, open(work / FRAGMENTS_FILE, "wb") as out:
             for index in range(count):
@@ -198,10 +205,15 @@ def seal_file(
             "fragment_count": count,
             "total_length": total_length,
         }
+        for name, data in (extra_files or {}).items():
+            write_durably(work / name, data)
         write_durably(work / TRANSFER_FILE, json.dumps(info, indent=1).encode())
         os.replace(work, target)
+        renamed = True
         fsync_dir(parent)
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        # After the rename the caller still sees a failure: take the transfer back out,
+        # or it would be published although its sender was told it failed.
+        shutil.rmtree(target if renamed else work, ignore_errors=True)
         raise
     return dataclasses.replace(SealedTransfer.load(target), plaintext_sha256=digest.digest())

@@ -5,7 +5,10 @@ after the instance is sealed and fsynced here (store-and-forward). The publisher
 entries with publisher confirms; an entry stays until the recipient's signed *stored*
 receipt arrives, so a lost spool or a quarantined transfer can be sent again from the
 same sealed bytes. The outbox is capped in bytes and entries: beyond a cap ``admit``
-raises ``OutboxFullError`` and the SCP answers 0xA700 (out of resources).
+raises ``OutboxFullError`` and the SCP answers 0xA700 (out of resources). When its disk
+fills before a cap is reached (ENOSPC, EDQUOT), ``admit`` removes what it had written,
+logs the directory and the bytes free, and raises ``OutboxDiskFullError`` (an
+``OutboxFullError``): nothing is answered success that is not whole on disk.
 
 ::
 
@@ -26,9 +29,9 @@ from typing import Any, Final
 
 from dicombridge.control import Receipt
 from dicombridge.directory import Directory
-from dicombridge.durable import write_durably
+from dicombridge.durable import free_bytes, is_disk_full, write_durably
 from dicombridge.envelope import Sender, sealed_fragment_bytes
-from dicombridge.errors import KeyMaterialError, OutboxFullError
+from dicombridge.errors import KeyMaterialError, OutboxDiskFullError, OutboxFullError
 from dicombridge.fragments import TRANSFER_FILE, Recipient, SealedTransfer, seal_file
 from dicombridge.keys import newest_valid, utc_now
 
@@ -112,6 +115,7 @@ class Outbox:
             self._reserved_count += 1
         try:
             recipient = self._recipient(directory, site)
+            state = {"created_at": utc_now().isoformat(), "attempts": 0}
             sealed = seal_file(
                 source,
                 self.root,
@@ -119,8 +123,21 @@ class Outbox:
                 recipient=recipient,
                 fragment_size=fragment_size,
                 meta=meta,
+                # In the sealed directory before it appears: an entry is never seen
+                # without its state, and a failed write leaves no entry at all.
+                extra_files={STATE_FILE: _encode_state(state)},
             )
-            self._write_state(sealed.path, {"created_at": utc_now().isoformat(), "attempts": 0})
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            free = free_bytes(self.root)
+            log.error(
+                "outbox disk full: instance refused",
+                extra={"directory": str(self.root), "free_bytes": free, "needed_bytes": estimate},
+            )
+            raise OutboxDiskFullError(
+                f"no room for about {estimate} bytes in the outbox {self.root} ({free} bytes free)"
+            ) from exc
         finally:
             with self._lock:
                 self._reserved_bytes -= estimate
@@ -181,7 +198,7 @@ class Outbox:
         state = dict(entry.state)
         state["published_at"] = utc_now().isoformat()
         state["attempts"] = int(state.get("attempts", 0)) + 1
-        self._write_state(entry.transfer.path, state)
+        self._keep_state(entry.transfer.path, state)
 
     def record_receipt(self, receipt: Receipt, *, from_site: str) -> OutboxEntry | None:
         """Apply a receipt: a stored one removes the entry, a failed one is kept with it.
@@ -204,7 +221,7 @@ class Outbox:
             "error_comment": receipt.error_comment,
             "at": utc_now().isoformat(),
         }
-        self._write_state(entry.transfer.path, state)
+        self._keep_state(entry.transfer.path, state)
         return OutboxEntry(entry.transfer, state)
 
     @staticmethod
@@ -215,6 +232,28 @@ class Outbox:
             return {}
         return state if isinstance(state, dict) else {}
 
-    @staticmethod
-    def _write_state(path: Path, state: dict[str, Any]) -> None:
-        write_durably(path / STATE_FILE, json.dumps(state, indent=1).encode())
+    def _keep_state(self, path: Path, state: dict[str, Any]) -> None:
+        """Save an entry's new state; on a full disk, log it and keep the old one.
+
+        The entry itself is whole, and its state only says what was done with it: with
+        the old state a published entry is published again at the next start, or a
+        failed receipt is asked for again by a re-send (both dropped as duplicates by the
+        recipient), so this never stops the publisher or the receipt consumer.
+        """
+        try:
+            write_durably(path / STATE_FILE, _encode_state(state))
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            log.error(
+                "outbox disk full: entry state not saved",
+                extra={
+                    "directory": str(self.root),
+                    "free_bytes": free_bytes(self.root),
+                    "transfer_id": path.name,
+                },
+            )
+
+
+def _encode_state(state: dict[str, Any]) -> bytes:
+    return json.dumps(state, indent=1).encode()

@@ -20,7 +20,18 @@ Statuses (PS3.4 Table B.2-1, PS3.7 C.4.2.1.4 for the Error Comment):
   no status for the latter; DCMTK's storescp and dcmqrdb answer
   ``STATUS_STORE_Error_DataSetDoesNotMatchSOPClass`` (0xA900) for both, and so do we;
 - 0xA700 Refused: out of resources: the callback failed, timed out, or the SCP is
-  stopping; the modality may try again.
+  stopping; or the disk that receives data sets is full (see below); the modality may
+  try again.
+
+pynetdicom writes each received data set to a temporary file from the association's
+reader thread, and an error there (ENOSPC) aborts the association and leaves the partial
+file behind. For the associations of this SCP the temporary file is a ``_ReceiveFile`` in
+``ScpSettings.receive_dir``: a write that fails removes the file at once, swallows the
+rest of the data set, and the C-STORE is answered 0xA700 with an Error Comment saying the
+gateway's disk is full; the association goes on, and the next C-STORE after space is
+freed succeeds. (pynetdicom's ``dimse_messages.NamedTemporaryFile`` is replaced by a
+factory that gives such a file only inside this SCP's associations, and pynetdicom's own
+file everywhere else: the version is pinned, see ``acceptance``.)
 
 pynetdicom runs handlers in its association threads; they hand work to the loop with
 ``asyncio.run_coroutine_threadsafe`` and never let an exception escape to pynetdicom. Logs
@@ -32,9 +43,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import io
 import logging
+import os
 import struct
+import tempfile
 import threading
 import time
 import zlib
@@ -42,17 +56,19 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Self, cast
+from typing import IO, Any, Final, Self, cast
 
 from pydicom import uid as dicom_uid
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag, Tag
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import EventHandlerType
+from pynetdicom.pdu_primitives import P_DATA
 
 from dicombridge.acceptance import SERVER_AE_TITLE, AcceptancePolicy, AssociationGate
+from dicombridge.durable import free_bytes, is_disk_full
 from dicombridge.errors import DicomServiceError
 
 LOGGER = logging.getLogger(__name__)
@@ -116,6 +132,9 @@ _ERROR_COMMENT_LENGTH: Final = 64  # LO (PS3.7 C.4.2.1.4)
 # Part 10: 128-byte preamble, b"DICM", then (0002,0000) UL: tag 4, VR 2, length 2, value 4.
 _GROUP_LENGTH_AT: Final = 132
 _GROUP_LENGTH_ELEMENT: Final = struct.Struct("<HH2sHL")
+# Received data sets are written to <receive_dir>/dicombridge-recv-*.dcm.
+RECEIVE_PREFIX: Final = "dicombridge-recv-"
+RECEIVE_DISK_FULL_COMMENT: Final = "dicombridge gateway receive disk full; retry later"
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +181,9 @@ class ScpSettings:
     to 16 KiB-4 MiB and enforced on read. ``callback_timeout_s`` bounds how long a C-STORE
     waits for the callback before answering 0xA700; keep it below the modalities' DIMSE
     timeout. ``shutdown_grace_s`` is how long stopping waits for open associations to end
-    before aborting them.
+    before aborting them. ``receive_dir`` is where received data sets are written while
+    they arrive (``None``: the system's temporary directory); a directory given here
+    belongs to this SCP, which removes leftovers of an earlier run from it at start.
     """
 
     host: str = "0.0.0.0"  # noqa: S104  # the SCP serves the hospital network
@@ -174,6 +195,7 @@ class ScpSettings:
     network_timeout_s: float = 60.0
     callback_timeout_s: float = 50.0
     shutdown_grace_s: float = 10.0
+    receive_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if not MINIMUM_PDU_SIZE <= self.maximum_pdu_size <= MAXIMUM_PDU_SIZE:
@@ -209,12 +231,125 @@ def _configure_pynetdicom() -> None:
 
     They are module globals in pynetdicom, so they apply to every AE in the process:
     chunked receiving also applies to a C-GET SCU's storage sub-operations (desired), and
-    identifier logging stays off everywhere (request/response identifiers are PHI).
+    identifier logging stays off everywhere (request/response identifiers are PHI). The
+    temporary-file factory gives pynetdicom's own file outside this SCP's associations.
     """
     _config.STORE_RECV_CHUNKED_DATASET = True
     _config.UNRESTRICTED_STORAGE_SERVICE = True
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
+    # pynetdicom imports the name into dimse_messages and looks it up there at each use.
+    dimse_messages.NamedTemporaryFile = _receive_file  # type: ignore[attr-defined]
+
+
+class _ReceiveFile:
+    """The file one C-STORE's data set is written to as it arrives, that survives a full disk.
+
+    pynetdicom (``DIMSEMessage.decode_msg``, in the association's reader thread) calls
+    ``write``, ``file.flush``, then, after the C-STORE handler, ``close`` and
+    ``os.unlink(name)``. An error escaping from there would abort the association, so a
+    failed write (ENOSPC) is kept in ``error`` instead: the partial file is removed at
+    once, freeing its space, the rest of the data set is dropped, and the handler answers
+    0xA700.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.error: OSError | None = None
+        self._lock = threading.Lock()
+        self._handle: IO[bytes] | None = None
+        try:
+            fd, name = tempfile.mkstemp(prefix=RECEIVE_PREFIX, suffix=".dcm", dir=directory)
+        except OSError as exc:
+            self.name = str(directory / f"{RECEIVE_PREFIX}not-created.dcm")
+            self.error = exc
+            return
+        self.name = name
+        self._handle = os.fdopen(fd, "wb")
+
+    @property
+    def file(self) -> _ReceiveFile:
+        """pynetdicom flushes ``NamedTemporaryFile.file``; this is both."""
+        return self
+
+    def write(self, data: bytes) -> int:
+        with self._lock:
+            if self._handle is not None:
+                try:
+                    self._handle.write(data)
+                except OSError as exc:
+                    self._fail(exc)
+        return len(data)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._handle is not None:
+                try:
+                    self._handle.flush()
+                except OSError as exc:
+                    self._fail(exc)
+
+    def close(self) -> None:
+        with self._lock:
+            handle, self._handle = self._handle, None
+            if handle is not None:
+                try:
+                    handle.close()
+                except OSError as exc:
+                    self.error = exc
+                    self._remove()
+
+    def _fail(self, exc: OSError) -> None:
+        """Keep the first error, drop the handle and the partial file (lock held)."""
+        self.error = exc
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            with contextlib.suppress(OSError):  # flushing what is buffered fails again
+                handle.close()
+        self._remove()
+
+    def _remove(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.name)
+
+
+class _ReceiveContext:
+    """Where the association being read writes its data sets (set around its reads)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+
+_receiving = threading.local()
+
+
+def _receive_file(*args: Any, **kwargs: Any) -> Any:
+    """Stands in for ``tempfile.NamedTemporaryFile`` in pynetdicom's ``dimse_messages``."""
+    context: _ReceiveContext | None = getattr(_receiving, "context", None)
+    if context is None:
+        return tempfile.NamedTemporaryFile(*args, **kwargs)
+    return _ReceiveFile(context.directory)
+
+
+def _receive_into(event: evt.Event, directory: Path) -> None:
+    """Make the association of ``event`` write received data sets as ``_ReceiveFile``s.
+
+    Wraps its DIMSE provider's ``receive_primitive`` (called by the reader thread for
+    each P-DATA) so that the factory above knows, in that thread, whose data set it is.
+    """
+    dimse = event.assoc.dimse
+    receive = dimse.receive_primitive
+    context = _ReceiveContext(directory)
+
+    def receive_primitive(primitive: P_DATA) -> None:
+        _receiving.context = context
+        try:
+            receive(primitive)
+        finally:
+            _receiving.context = None
+
+    # An instance attribute: only this association's provider is wrapped.
+    dimse.receive_primitive = receive_primitive  # type: ignore[method-assign]
 
 
 def dataset_offset(path: Path) -> int:
@@ -312,6 +447,7 @@ class StorageSCP:
         self._pending: set[concurrent.futures.Future[StoreOutcome]] = set()
         self._lock = threading.Lock()
         self._stopping = False
+        self.receive_dir = self.settings.receive_dir or Path(tempfile.gettempdir())
 
     @property
     def port(self) -> int:
@@ -336,6 +472,8 @@ class StorageSCP:
         self._stopping = False
         _configure_pynetdicom()
         settings = self.settings
+        if settings.receive_dir is not None:
+            await asyncio.to_thread(_prepare_receive_dir, settings.receive_dir)
         ae = AE(ae_title=SERVER_AE_TITLE)
         ae.maximum_associations = settings.maximum_associations
         ae.maximum_pdu_size = settings.maximum_pdu_size
@@ -347,6 +485,7 @@ class StorageSCP:
         ae.add_supported_context(VERIFICATION_SOP_CLASS, list(TRANSFER_SYNTAXES[:3]))
         handlers: list[EventHandlerType] = [
             *self._gate.evt_handlers,
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_C_ECHO, self._on_c_echo),
             (evt.EVT_C_STORE, self._on_c_store),
         ]
@@ -406,6 +545,9 @@ class StorageSCP:
                 assoc.join(timeout=max(0.0, deadline - time.monotonic()))
         ae.shutdown()
 
+    def _on_conn_open(self, event: evt.Event) -> None:
+        _receive_into(event, self.receive_dir)
+
     def _on_c_echo(self, event: evt.Event) -> int:
         """C-ECHO is answered by the gateway itself (PS3.4 A)."""
         return SUCCESS
@@ -439,6 +581,9 @@ class StorageSCP:
         sop_class_uid = str(request.AffectedSOPClassUID)
         sop_instance_uid = str(request.AffectedSOPInstanceUID)
         transfer_syntax = str(event.context.transfer_syntax)
+        received = getattr(request, "_dataset_file", None)
+        if isinstance(received, _ReceiveFile) and received.error is not None:
+            raise _Refused(self._receive_failed(sop_instance_uid, received.error))
         path = Path(event.dataset_path)
         if transfer_syntax not in TRANSFER_SYNTAXES:
             raise _Refused(
@@ -472,6 +617,25 @@ class StorageSCP:
         )
         return self._hand_over(instance)
 
+    def _receive_failed(self, sop_instance_uid: str, error: OSError) -> StoreOutcome:
+        """The data set could not be written where it is received: 0xA700."""
+        directory = self.receive_dir
+        if is_disk_full(error):
+            LOGGER.error(
+                "C-STORE %s not received: disk full in %s (%s bytes free)",
+                sop_instance_uid,
+                directory,
+                free_bytes(directory),
+            )
+            return StoreOutcome(OUT_OF_RESOURCES, RECEIVE_DISK_FULL_COMMENT)
+        LOGGER.error(
+            "C-STORE %s not received: cannot write in %s: %s",
+            sop_instance_uid,
+            directory,
+            error.strerror,
+        )
+        return StoreOutcome(OUT_OF_RESOURCES, "gateway cannot write what it receives; retry later")
+
     def _hand_over(self, instance: ReceivedInstance) -> StoreOutcome:
         """Run the callback on the loop and wait for it, bounded by the callback timeout."""
         loop = self._loop
@@ -493,6 +657,14 @@ class StorageSCP:
         if not isinstance(outcome, StoreOutcome) or not 0 <= outcome.status <= 0xFFFF:
             raise TypeError("the store callback must return a StoreOutcome")
         return outcome
+
+
+def _prepare_receive_dir(directory: Path) -> None:
+    """Create the SCP's own receive directory; remove what a crash left in it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for leftover in directory.glob(f"{RECEIVE_PREFIX}*.dcm"):
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
 
 
 def _called(event: evt.Event) -> str:

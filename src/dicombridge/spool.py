@@ -11,26 +11,36 @@ The spool keeps each arriving message as its own file, written to a temporary na
 fsynced and renamed, so a file that exists is whole. Fragments may arrive in any order
 and more than once. The plaintext is written to a temporary file and renamed into place
 only once its SHA-256 matches the signed manifest.
+
+A full disk (ENOSPC, EDQUOT) in the spool, ``incoming/`` or ``done/`` removes what the
+failed write had begun, logs the directory and the bytes free, and holds the delivery,
+unacked, trying again with backoff until there is room. Requeueing at once instead would
+spin, and every requeue spends one of the queue's delivery attempts (``x-delivery-limit``,
+then the dead-letter queue). A delivery held for ``disk_full_hold_s`` (kept below
+RabbitMQ's consumer ack timeout, 30 minutes by default) fails with the ``OSError``, which
+the transport requeues: one attempt spent per hold, nothing acked that is not on disk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, TypeVar
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from dicombridge.directory import Directory
-from dicombridge.durable import fsync_dir, write_durably
+from dicombridge.durable import free_bytes, fsync_dir, is_disk_full, write_durably
 from dicombridge.envelope import (
     Kind,
     Manifest,
@@ -47,6 +57,13 @@ from dicombridge.topology import check_site_id
 from dicombridge.transport import Delivery
 
 log = logging.getLogger(__name__)
+
+# How long a delivery waits, unacked, for room on a full disk before it is requeued.
+DISK_FULL_HOLD_S: Final = 600.0
+_DISK_FULL_RETRY_FIRST_S: Final = 0.25
+_DISK_FULL_RETRY_MAX_S: Final = 5.0
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -271,8 +288,10 @@ class Receiver:
         on_transfer: TransferHandler,
         *,
         on_duplicate: DuplicateHandler | None = None,
+        disk_full_hold_s: float = DISK_FULL_HOLD_S,
     ) -> None:
         self.identity = identity
+        self.disk_full_hold_s = disk_full_hold_s
         self.spool = Spool(root / "spool")
         self.incoming = root / "incoming"
         self.quarantine = root / "quarantine"
@@ -283,6 +302,8 @@ class Receiver:
         self._on_duplicate = on_duplicate
         self.duplicates_dropped = 0
         self.quarantined = 0
+        # Deliveries that found a disk full (each held until there was room, or requeued).
+        self.disk_full_holds = 0
 
     def _done_marker(self, sender_site: str, transfer_id: bytes) -> Path:
         return self.done / sender_site / transfer_id.hex()
@@ -319,7 +340,9 @@ class Receiver:
                 if receipt is not None:
                     await self._on_duplicate(sender, header.message_id, receipt)
             return
-        state = await asyncio.to_thread(self.spool.put, sender, delivery.body)
+        state = await self._while_disk_full(
+            self.spool.root, functools.partial(self.spool.put, sender, delivery.body)
+        )
         if header.kind is Kind.MANIFEST and state.fragment_count is None:
             # Opening the manifest early fixes the count (a transfer of 0 bytes has no
             # fragment) and refuses a bad manifest before its fragments pile up.
@@ -330,20 +353,46 @@ class Receiver:
 
     async def _open_manifest(self, sender: str, transfer_id: bytes) -> None:
         ident = self.identity
-        await asyncio.to_thread(
-            self.spool.open_manifest,
-            sender,
-            transfer_id,
-            site_id=ident.site_id,
-            keys=ident.keys,
-            directory=ident.directory,
+        await self._while_disk_full(
+            self.spool.root,
+            functools.partial(
+                self.spool.open_manifest,
+                sender,
+                transfer_id,
+                site_id=ident.site_id,
+                keys=ident.keys,
+                directory=ident.directory,
+            ),
         )
 
     async def _assemble(self, sender: str, transfer_id: bytes) -> None:
+        # Order matters for crash safety: the sidecar makes the file deliverable after a
+        # restart, then the done marker makes redeliveries drop, then the spool goes.
+        incoming = await self._while_disk_full(
+            self.incoming, functools.partial(self._assemble_into_incoming, sender, transfer_id)
+        )
+        marker = self._done_marker(sender, transfer_id)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        await self._while_disk_full(
+            self.done,
+            functools.partial(write_durably, marker, utc_now().isoformat().encode()),
+        )
+        await asyncio.to_thread(self.spool.discard, sender, transfer_id)
+        log.info(
+            "transfer received",
+            extra={
+                "transfer_id": transfer_id.hex(),
+                "from_site": sender,
+                "bytes": incoming.total_length,
+            },
+        )
+        await self._on_transfer(incoming)
+
+    def _assemble_into_incoming(self, sender: str, transfer_id: bytes) -> IncomingTransfer:
+        """Verify and decrypt into ``incoming/`` with its sidecar: both, or neither."""
         ident = self.identity
         out = self.incoming / f"{sender}.{transfer_id.hex()}.dcm"
-        manifest = await asyncio.to_thread(
-            self.spool.assemble,
+        manifest = self.spool.assemble(
             sender,
             transfer_id,
             out,
@@ -352,22 +401,67 @@ class Receiver:
             directory=ident.directory,
         )
         incoming = IncomingTransfer(sender, transfer_id, out, manifest.total_length, manifest.meta)
-        # Order matters for crash safety: the sidecar makes the file deliverable after a
-        # restart, then the done marker makes redeliveries drop, then the spool goes.
-        await asyncio.to_thread(incoming.save)
-        marker = self._done_marker(sender, transfer_id)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(write_durably, marker, utc_now().isoformat().encode())
-        await asyncio.to_thread(self.spool.discard, sender, transfer_id)
-        log.info(
-            "transfer received",
-            extra={
-                "transfer_id": transfer_id.hex(),
-                "from_site": sender,
-                "bytes": manifest.total_length,
-            },
-        )
-        await self._on_transfer(incoming)
+        try:
+            incoming.save()
+        except OSError:
+            # Without its sidecar the file is never delivered: free its room (unless an
+            # earlier attempt's sidecar already made it deliverable).
+            if not incoming.sidecar.exists():
+                with contextlib.suppress(FileNotFoundError):
+                    out.unlink()
+            raise
+        return incoming
+
+    async def _while_disk_full(self, directory: Path, step: Callable[[], _T]) -> _T:
+        """Run ``step`` (blocking, writes under ``directory``) in a thread; while the disk
+        is full, hold the delivery being handled and try again, for ``disk_full_hold_s``.
+
+        Any other error, and a disk still full after the hold, go to the caller (the
+        transport then requeues the delivery).
+        """
+        started = time.monotonic()
+        delay = _DISK_FULL_RETRY_FIRST_S
+        held = False
+        while True:
+            try:
+                result = await asyncio.to_thread(step)
+            except OSError as exc:
+                if not is_disk_full(exc):
+                    raise
+                waited_s = time.monotonic() - started
+                if not held:
+                    held = True
+                    self.disk_full_holds += 1
+                    log.error(
+                        "disk full: delivery held, unacked, until there is room",
+                        extra={
+                            "directory": str(directory),
+                            "free_bytes": free_bytes(directory),
+                            "hold_s": self.disk_full_hold_s,
+                        },
+                    )
+                if waited_s + delay > self.disk_full_hold_s:
+                    log.error(
+                        "disk still full: delivery requeued",
+                        extra={
+                            "directory": str(directory),
+                            "free_bytes": free_bytes(directory),
+                            "held_s": round(waited_s, 1),
+                        },
+                    )
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _DISK_FULL_RETRY_MAX_S)
+                continue
+            if held:
+                log.info(
+                    "disk has room again: delivery goes on",
+                    extra={
+                        "directory": str(directory),
+                        "held_s": round(time.monotonic() - started, 1),
+                    },
+                )
+            return result
 
     def pending(self) -> list[IncomingTransfer]:
         """Transfers received but not yet delivered (after a restart), oldest first."""
