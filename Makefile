@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := rabbitmq-server dcmtk orthanc
 
-.PHONY: help deps venv lint typecheck test test-unit demo bench clean
+.PHONY: help deps venv lint typecheck test test-unit faults demo bench clean
 
 help:
 	@echo "make demo   set up what is missing and show a DICOM file crossing the bridge"
@@ -40,6 +40,11 @@ test: deps venv lint typecheck
 
 test-unit: venv
 	$(BIN)/pytest -m "not integration"
+
+# The fault-injection suite alone (make test runs it too): a 200-instance study through
+# crashes and outages; its figures are printed and written to bench-results/faults.json.
+faults: deps venv
+	$(BIN)/pytest tests/faults -m faults
 
 demo: deps venv
 	$(BIN)/python -m dicombridge.demo

@@ -118,6 +118,10 @@ class Deliverer:
                 self._queue.task_done()
                 self._idle.set()
 
+    async def join(self) -> None:
+        """Wait until every transfer submitted so far has been handled."""
+        await self._queue.join()
+
     async def finish(self, *, timeout_s: float) -> bool:
         """Take no more transfers, let a C-STORE under way end; False if it did not in time.
 

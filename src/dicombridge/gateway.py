@@ -42,6 +42,7 @@ from dicombridge.errors import (
 from dicombridge.identity import LocalSite
 from dicombridge.outbox import Outbox
 from dicombridge.receipts import UnsentReceipts
+from dicombridge.retention import run_retention
 from dicombridge.scp import ReceivedInstance, ScpSettings, StorageSCP, StoreOutcome
 from dicombridge.scu import StoreSCU
 from dicombridge.spool import IncomingTransfer, Receiver, ReceiverIdentity
@@ -340,6 +341,7 @@ class Gateway:
                 async with asyncio.TaskGroup() as group:
                     group.create_task(self.deliverer.run())
                     group.create_task(self._rescan_incoming())
+                    group.create_task(self._retention())
                     group.create_task(self._broker_side(scp_started))
                     if stop is not None:
                         group.create_task(self._stop_when(stop, scp))
@@ -352,6 +354,16 @@ class Gateway:
             finally:
                 for client in self._clients.values():
                     await asyncio.to_thread(client.close)
+
+    async def _retention(self) -> None:
+        """Alarms before outbox, spool, incoming or quarantine reach their limits; purges."""
+        config = self.site.config
+        await run_retention(
+            config.storage.root,
+            config.retention,
+            outbox_max_bytes=config.outbox.max_bytes,
+            outbox_max_count=config.outbox.max_count,
+        )
 
     async def _stop_when(self, stop: asyncio.Event, scp: StorageSCP) -> None:
         """Once ``stop`` is set: stop accepting, let in-flight work finish, then end ``run``."""
