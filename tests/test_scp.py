@@ -398,7 +398,8 @@ async def test_callback_raising_is_answered_and_serving_goes_on(
 
 
 async def test_stop_with_a_store_in_flight_does_not_hang(tmp_path: Path) -> None:
-    """Stopping while a callback waits answers that C-STORE 0xA700 and returns promptly."""
+    """A callback still waiting when the stop's grace period ends is given up: its
+    C-STORE is answered 0xA700 and the stop returns."""
     started = asyncio.Event()
 
     async def never(instance: ReceivedInstance) -> StoreOutcome:
@@ -406,7 +407,7 @@ async def test_stop_with_a_store_in_flight_does_not_hang(tmp_path: Path) -> None
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
 
-    settings = ScpSettings(host="127.0.0.1", port=0, callback_timeout_s=30)
+    settings = ScpSettings(host="127.0.0.1", port=0, callback_timeout_s=30, shutdown_grace_s=1)
     scp = StorageSCP(policy=AcceptancePolicy.of([ROUTE_A]), on_store=never, settings=settings)
     async with scp:
         store = asyncio.create_task(
@@ -418,6 +419,35 @@ async def test_stop_with_a_store_in_flight_does_not_hang(tmp_path: Path) -> None
         await asyncio.wait_for(scp.stop(), timeout=10)
     status = await asyncio.wait_for(store, timeout=10)
     assert status.Status == OUT_OF_RESOURCES
+
+
+async def test_stop_lets_a_store_being_handed_over_finish(tmp_path: Path) -> None:
+    """A C-STORE whose callback is under way when the stop begins gets the callback's own
+    answer (the instance may already be stored: 0xA700 would make the modality send it
+    twice), and the stop waits for it."""
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(instance: ReceivedInstance) -> StoreOutcome:
+        started.set()
+        await release.wait()
+        return StoreOutcome(SUCCESS, None)
+
+    settings = ScpSettings(host="127.0.0.1", port=0, callback_timeout_s=30, shutdown_grace_s=20)
+    scp = StorageSCP(policy=AcceptancePolicy.of([ROUTE_A]), on_store=slow, settings=settings)
+    async with scp:
+        store = asyncio.create_task(
+            asyncio.to_thread(
+                pynetdicom_store, scp.port, ROUTE_A, fresh_copy("CT_small.dcm", tmp_path)
+            )
+        )
+        await asyncio.wait_for(started.wait(), timeout=10)
+        stopping = asyncio.create_task(scp.stop())
+        await asyncio.sleep(0)  # let the stop begin
+        assert not stopping.done()
+        release.set()
+        await asyncio.wait_for(stopping, timeout=20)
+    status = await asyncio.wait_for(store, timeout=10)
+    assert status.Status == SUCCESS
 
 
 async def test_private_sop_class_is_stored(gateway: Gateway, tmp_path: Path) -> None:

@@ -36,9 +36,11 @@ from dicombridge.delivery import Deliverer, StoreClient
 from dicombridge.errors import (
     BrokerUnreachableError,
     IntegrityError,
+    OutboxDiskFullError,
     OutboxFullError,
     TransportError,
 )
+from dicombridge.fragments import SealedTransfer
 from dicombridge.identity import LocalSite
 from dicombridge.outbox import Outbox
 from dicombridge.receipts import UnsentReceipts
@@ -120,6 +122,7 @@ class Gateway:
             dimse_timeout_s=gateway.dimse_timeout_s,
             network_timeout_s=gateway.network_timeout_s,
             shutdown_grace_s=gateway.shutdown_grace_s,
+            receive_dir=self.site.config.storage.root / "receiving",
         )
 
     async def on_instance(self, instance: ReceivedInstance) -> StoreOutcome:
@@ -143,8 +146,8 @@ class Gateway:
             "calling_ae_title": instance.calling_ae_title,
             "called_ae_title": instance.called_ae_title,
         }
-        try:
-            sealed = await asyncio.to_thread(
+        admission = asyncio.ensure_future(
+            asyncio.to_thread(
                 self.outbox.admit,
                 instance.path,
                 sender=self.site.sender,
@@ -153,11 +156,24 @@ class Gateway:
                 fragment_size=config.transfer.fragment_size_bytes,
                 meta=meta,
             )
+        )
+        try:
+            sealed = await asyncio.shield(admission)
+        except asyncio.CancelledError:
+            # The SCP gave up waiting and answers 0xA700: the modality sends the instance
+            # again, so this admission must not stand once it completes.
+            admission.add_done_callback(self._withdraw_abandoned)
+            raise
+        except OutboxDiskFullError:
+            # The outbox logged the error with its directory and the bytes free.
+            return StoreOutcome(
+                STATUS_OUT_OF_RESOURCES, "dicombridge outbox disk full; retry later"
+            )
         except OutboxFullError as exc:
             log.warning("outbox full; C-STORE refused", extra={"reason": str(exc)})
             return StoreOutcome(
                 STATUS_OUT_OF_RESOURCES,
-                "dicombridge outbox full (broker unreachable or slow); retry later",
+                "dicombridge outbox full (broker down or slow); retry later",
             )
         if sealed.plaintext_sha256 is not None:
             self.received_sha256[sealed.transfer_id_hex] = sealed.plaintext_sha256.hex()
@@ -167,6 +183,16 @@ class Gateway:
             extra={"transfer_id": sealed.transfer_id_hex, "to_site": route.site},
         )
         return StoreOutcome(STATUS_SUCCESS, None)
+
+    def _withdraw_abandoned(self, admission: asyncio.Future[SealedTransfer]) -> None:
+        if admission.cancelled() or admission.exception() is not None:
+            return
+        transfer_id = admission.result().transfer_id_hex
+        self.outbox.remove(transfer_id)
+        log.warning(
+            "admission withdrawn: the modality was answered 0xA700 meanwhile",
+            extra={"transfer_id": transfer_id},
+        )
 
     async def _resender(self) -> None:
         """Publish again what has waited too long for its stored receipt."""
@@ -363,6 +389,9 @@ class Gateway:
             config.retention,
             outbox_max_bytes=config.outbox.max_bytes,
             outbox_max_count=config.outbox.max_count,
+            on_purged=lambda item: (
+                self.outbox.remove(item.transfer_id) if item.area == "outbox" else None
+            ),
         )
 
     async def _stop_when(self, stop: asyncio.Event, scp: StorageSCP) -> None:

@@ -200,6 +200,13 @@ class Outbox:
         state["attempts"] = int(state.get("attempts", 0)) + 1
         self._keep_state(entry.transfer.path, state)
 
+    def remove(self, transfer_id_hex: str) -> None:
+        """Drop an entry: an admission whose modality was answered a failure after all,
+        or one retention purged (its directory already gone)."""
+        shutil.rmtree(self.root / transfer_id_hex, ignore_errors=True)
+        with self._lock:
+            self._sizes.pop(transfer_id_hex, None)
+
     def record_receipt(self, receipt: Receipt, *, from_site: str) -> OutboxEntry | None:
         """Apply a receipt: a stored one removes the entry, a failed one is kept with it.
 

@@ -518,14 +518,16 @@ class StorageSCP:
         await self.stop()
 
     async def stop(self) -> None:
-        """Stop listening, answer C-STOREs 0xA700, abort what is still open after the grace."""
+        """Stop listening; C-STOREs being handed over finish (the callback's answer
+        stands), later ones are answered 0xA700; abort what is still open after the grace.
+
+        Handed-over C-STOREs are not cancelled: the callback may have stored the instance
+        already, and answering 0xA700 for it would make the modality send it twice.
+        """
         if self._server is None:
             return
         with self._lock:
             self._stopping = True
-            pending = list(self._pending)
-        for future in pending:
-            future.cancel()
         ae, server, self._ae, self._server = self._ae, self._server, None, None
         await asyncio.to_thread(self._drain_then_shutdown, ae, server)
         LOGGER.info("DICOM SCP stopped")
@@ -533,8 +535,9 @@ class StorageSCP:
     def _drain_then_shutdown(self, ae: Any, server: Any) -> None:
         """Stop listening, let open associations finish for a grace period, abort the rest.
 
-        Waiting C-STOREs were cancelled and answer 0xA700, later ones too, so a peer
-        normally releases at once; one that does not is aborted after the grace period.
+        C-STOREs arriving now are answered 0xA700, so a peer normally releases soon.
+        Callbacks still running when the grace is over are cancelled (their C-STOREs are
+        answered 0xA700), and associations still open are aborted.
         """
         server.shutdown()
         deadline = time.monotonic() + self.settings.shutdown_grace_s
@@ -543,6 +546,13 @@ class StorageSCP:
             # (or one that sent junk) would only keep us waiting for its ACSE timeout.
             if assoc.is_established:
                 assoc.join(timeout=max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            late = list(self._pending)
+        for future in late:
+            future.cancel()
+        for assoc in list(ae.active_associations):
+            if assoc.is_established and late:
+                assoc.join(timeout=1.0)  # time to send the 0xA700 answers
         ae.shutdown()
 
     def _on_conn_open(self, event: evt.Event) -> None:
@@ -647,8 +657,9 @@ class StorageSCP:
         try:
             outcome = future.result(timeout=self.settings.callback_timeout_s)
         except concurrent.futures.TimeoutError:
-            future.cancel()
-            return StoreOutcome(OUT_OF_RESOURCES, "gateway did not store in time")
+            if future.cancel():
+                return StoreOutcome(OUT_OF_RESOURCES, "gateway did not store in time")
+            outcome = future.result()  # it finished as the wait ran out: that answer stands
         except concurrent.futures.CancelledError:
             return StoreOutcome(OUT_OF_RESOURCES, "gateway is stopping")
         finally:

@@ -113,3 +113,36 @@ def test_cluster_node_killed_and_left_down(cluster_sandbox: Sandbox, study_dir: 
     case.wait_mid_transfer(lambda: case.received_at_b() >= MID, "B's PACS to get a quarter")
     sandbox.kill_broker_node(0)
     record(case.finish())
+
+
+def test_sending_gateway_stopped_with_sigterm_mid_transfer(
+    proxied_sandbox: tuple[Sandbox, TcpProxy], study_dir: Path
+) -> None:
+    """SIGTERM to gateway A while the modality sends: it stops accepting, finishes what it
+    was admitting and exits 0 within its grace period; after the restart the modality
+    sends what it was refused or never sent, and the outbox carries on."""
+    sandbox, _ = proxied_sandbox
+    case = new_case("7 SIGTERM sending gateway", sandbox, study_dir)
+    first = case.send()
+    case.wait_mid_transfer(lambda: first.answered_count >= MID, "A to answer a quarter")
+    assert sandbox.stop_gateway(SENDER, timeout_s=60) == 0, "gateway A did not exit 0"
+    first.wait()
+    sandbox.start_gateway(SENDER)
+    answered = set(first.answered)
+    if rest := [path for path in case.study if path not in answered]:
+        case.send(rest)
+    record(case.finish())
+
+
+def test_receiving_gateway_stopped_with_sigterm_mid_transfer(
+    proxied_sandbox: tuple[Sandbox, TcpProxy], study_dir: Path
+) -> None:
+    """SIGTERM to gateway B while instances arrive: the C-STORE under way finishes,
+    unacked deliveries go back to the queue, it exits 0; the restart delivers the rest."""
+    sandbox, _ = proxied_sandbox
+    case = new_case("8 SIGTERM receiving gateway", sandbox, study_dir)
+    case.send()
+    case.wait_mid_transfer(lambda: case.received_at_b() >= MID, "B's PACS to get a quarter")
+    assert sandbox.stop_gateway(RECEIVER, timeout_s=60) == 0, "gateway B did not exit 0"
+    sandbox.start_gateway(RECEIVER)
+    record(case.finish())
