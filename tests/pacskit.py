@@ -188,12 +188,13 @@ class StoreSCPNode:
         ae_title: str = "STORESCP",
         extra_args: Sequence[str] = ("+xa",),
         timeout_s: float = 10.0,
+        port: int | None = None,
     ) -> StoreSCPNode:
-        """Start ``storescp -v +B`` on a free port and return once it listens."""
+        """Start ``storescp -v +B`` on ``port`` (a free one if None); return once it listens."""
         output = workdir / "received"
         output.mkdir(parents=True, exist_ok=True)
         log_path = workdir / "storescp.log"
-        port = free_port()
+        port = port or free_port()
         with log_path.open("ab") as log_file:
             process = subprocess.Popen(
                 [

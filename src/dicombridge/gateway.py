@@ -43,6 +43,7 @@ from dicombridge.errors import (
 from dicombridge.fragments import SealedTransfer
 from dicombridge.identity import LocalSite
 from dicombridge.outbox import Outbox
+from dicombridge.quarantine import Quarantine
 from dicombridge.receipts import UnsentReceipts
 from dicombridge.retention import run_retention
 from dicombridge.scp import ReceivedInstance, ScpSettings, StorageSCP, StoreOutcome
@@ -73,7 +74,7 @@ class Gateway:
             root,
             ReceiverIdentity(site.site_id, site.keys, site.directory),
             self._on_incoming,
-            on_duplicate=self._resend_receipt,
+            on_duplicate=self._on_resent,
         )
         self._clients: dict[str, StoreSCU] = {}
         self.deliverer = Deliverer(
@@ -248,13 +249,41 @@ class Gateway:
             for incoming in await asyncio.to_thread(self.receiver.pending):
                 self.deliverer.submit(incoming)
 
-    async def _resend_receipt(
-        self, to_site: str, transfer_id: bytes, document: dict[str, Any]
-    ) -> None:
-        log.info(
-            "receipt owed again for a re-sent transfer", extra={"transfer_id": transfer_id.hex()}
-        )
+    async def _on_resent(self, to_site: str, transfer_id: bytes, document: dict[str, Any]) -> None:
+        """A transfer already done arrived again: its sender lacks a final receipt.
+
+        If delivery gave up on it for a reason a retry may fix (0xA7xx: the PACS was out of
+        resources or unreachable for ``give_up_after_s``), it is retried from quarantine
+        (the plaintext is there; the re-sent copy is dropped) or, if the quarantined copy
+        was purged, forgotten so that the next re-send is accepted. Otherwise the sender
+        gets the receipt it lacks again.
+        """
+        tid = transfer_id.hex()
+        receipt = Receipt.from_document({**document, "type": RECEIPT})
+        if receipt.outcome == "failed" and 0xA700 <= receipt.status <= 0xA7FF:
+            incoming = await asyncio.to_thread(self._retry_given_up, to_site, tid)
+            if incoming is not None:
+                self.deliverer.submit(incoming)
+            log.info(
+                "re-sent transfer given another chance",
+                extra={"transfer_id": tid, "from_quarantine": incoming is not None},
+            )
+            return
+        log.info("receipt owed again for a re-sent transfer", extra={"transfer_id": tid})
         await self._owe_receipt(to_site, transfer_id, {**document, "type": RECEIPT})
+
+    def _retry_given_up(self, sender_site: str, transfer_id_hex: str) -> IncomingTransfer | None:
+        """Put a given-up transfer back into incoming/ (returned), or forget it."""
+        quarantine = Quarantine(self.site.config.storage.root)
+        entry = quarantine.find(sender_site, transfer_id_hex)
+        if entry is not None and entry.stage == "delivery":
+            quarantine.retry(entry)
+            for incoming in self.receiver.pending():
+                if incoming.transfer_id.hex() == transfer_id_hex:
+                    return incoming
+            return None
+        (self.receiver.done / sender_site / transfer_id_hex).unlink(missing_ok=True)
+        return None
 
     async def _send_receipt(self, to_site: str, receipt: Receipt) -> None:
         """Record the receipt of a delivered (or given-up) transfer and owe it to the sender.

@@ -100,6 +100,11 @@ class Quarantine:
             )
         return matches[0]
 
+    def find(self, sender_site: str, transfer_id_hex: str) -> QuarantineEntry | None:
+        """The entry of exactly this transfer, if it is quarantined."""
+        folder = self.root / sender_site / transfer_id_hex
+        return self._entry(folder) if folder.is_dir() else None
+
     def retry(self, entry: QuarantineEntry) -> str:
         """Give an entry another chance; return what will happen next."""
         if entry.stage == "delivery":
