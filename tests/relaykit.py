@@ -132,6 +132,28 @@ def make_two_sites(
     return TwoSites(federation, site_a, site_b, port_a, port_b)
 
 
+def route_to_pacs(
+    root: Path,
+    *,
+    broker: BrokerNode,
+    vhost: str,
+    pacs_port: int,
+    route: str = "SITE_B",
+    limits: Limits | None = None,
+) -> TwoSites:
+    """Sites A and B, A's route AE title ``route`` leading to B's PACS (``PACS_B``) on
+    ``pacs_port``."""
+    node = LocalNode(name="PACS", ae_title="PACS_B", host="127.0.0.1", port=pacs_port)
+    return make_two_sites(
+        root,
+        broker=broker,
+        vhost=vhost,
+        routes=[Route(route, "PACS")],
+        nodes_b=[node],
+        limits=limits,
+    )
+
+
 def delete_users(management: ManagementClient, sites: TwoSites) -> None:
     """Broker users outlive the vhost: delete the two sites' users."""
     for site in (sites.site_a, sites.site_b):

@@ -29,7 +29,7 @@ from typing import IO, Any, Final
 from dicombridge import config as site_config
 from dicombridge.orthanc import OrthancServer
 from dicombridge.sandbox import Sandbox
-from tests.pacskit import DCMTK_BIN, dcmtk_env, sop_instance_uid
+from tests.pacskit import DCMTK_BIN, dcmtk_env, sop_instance_uid, wait_for
 from tests.relaykit import dataset_sha256, file_chunks, orthanc_file_dataset_sha256
 
 SENDER: Final = "site-a"
@@ -170,16 +170,6 @@ class CaseResult:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
-def wait_until(
-    condition: Callable[[], bool], *, timeout_s: float, what: str, interval_s: float = 0.2
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(interval_s)
-
-
 class Case:
     """One fault case over a running sandbox: send, break, repair, check, measure."""
 
@@ -212,7 +202,7 @@ class Case:
         return sum(1 for uid in self.pacs_b.received() if uid in self.case_uids)
 
     def wait_mid_transfer(self, condition: Callable[[], bool], what: str) -> None:
-        wait_until(condition, timeout_s=120, what=f"{what} ({self.name})", interval_s=0.02)
+        wait_for(condition, timeout_s=120, what=f"{what} ({self.name})")
         self.fault_at = time.monotonic()
 
     def answered(self) -> list[Path]:
@@ -236,7 +226,12 @@ class Case:
             )
 
         try:
-            wait_until(done, timeout_s=COMPLETION_DEADLINE_S, what=f"{self.name} to complete")
+            wait_for(
+                done,
+                timeout_s=COMPLETION_DEADLINE_S,
+                interval_s=0.2,
+                what=f"{self.name} to complete",
+            )
         except AssertionError as exc:
             missing = wanted - set(self.pacs_b.received())
             raise AssertionError(

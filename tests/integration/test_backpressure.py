@@ -14,7 +14,6 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicombridge.config import LocalNode
 from dicombridge.gateway import Gateway
 from dicombridge.identity import LocalSite
 from dicombridge.management import ManagementClient
@@ -23,7 +22,7 @@ from dicombridge.rabbitmq import BrokerNode
 from dicombridge.topology import Limits, PlaneLimits
 from tests.brokerkit import wait_until
 from tests.pacskit import StoreSCPNode
-from tests.relaykit import Route, ct_series, delete_users, make_two_sites, running_gateways
+from tests.relaykit import ct_series, delete_users, route_to_pacs, running_gateways
 
 pytestmark = pytest.mark.integration
 ROUTE = "SITE_B"
@@ -96,13 +95,8 @@ async def test_outbox_absorbs_then_refuses_then_drains_when_the_broker_returns(
     """With the broker unreachable, 2 instances are accepted into the outbox, the third gets
     0xA700 with a comment; once the broker is reachable both arrive at B and the outbox
     empties, with no hand involved."""
-    node = LocalNode(name="PACS", ae_title="PACS_B", host="127.0.0.1", port=storescp.port)
-    sites = make_two_sites(
-        tmp_path / "fed",
-        broker=rabbitmq_node,
-        vhost=vhost,
-        routes=[Route(ROUTE, "PACS")],
-        nodes_b=[node],
+    sites = route_to_pacs(
+        tmp_path / "fed", broker=rabbitmq_node, vhost=vhost, pacs_port=storescp.port
     )
     dead_port = free_port()
     config_a = sites.config_a
@@ -157,13 +151,11 @@ async def test_full_recipient_queue_keeps_instances_in_the_outbox_until_it_has_r
     """B is offline and its bulk queue (capped at 1 MiB, reject-publish) fills: the broker
     nacks A's publishes, A keeps the instances in its outbox and accepts up to its cap,
     then answers 0xA700; once B consumes again every accepted instance arrives."""
-    node = LocalNode(name="PACS", ae_title="PACS_B", host="127.0.0.1", port=storescp.port)
-    sites = make_two_sites(
+    sites = route_to_pacs(
         tmp_path / "fed",
         broker=rabbitmq_node,
         vhost=vhost,
-        routes=[Route(ROUTE, "PACS")],
-        nodes_b=[node],
+        pacs_port=storescp.port,
         limits=Limits(bulk=PlaneLimits(max_length_bytes=1024 * 1024)),
     )
     config_a = sites.config_a

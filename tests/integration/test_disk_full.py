@@ -22,7 +22,6 @@ import pydicom
 import pytest
 
 from dicombridge.acceptance import AcceptancePolicy
-from dicombridge.config import LocalNode
 from dicombridge.durable import write_durably
 from dicombridge.management import ManagementClient
 from dicombridge.rabbitmq import BrokerNode
@@ -42,11 +41,10 @@ from tests.brokerkit import Inbox, wait_until
 from tests.cryptokit import Federation, make_federation, messages, sha256_file, write_random
 from tests.pacskit import StoreSCPNode, dcmtk_env
 from tests.relaykit import (
-    Route,
     TwoSites,
     ct_series,
     delete_users,
-    make_two_sites,
+    route_to_pacs,
     running_gateways,
 )
 from tests.test_outbox import fill_disk, mounted_tmpfs
@@ -279,13 +277,8 @@ def sites(
     tmp_path: Path,
 ) -> Iterator[TwoSites]:
     """Sites A and B, A's route AE title leading to B's storescp."""
-    node = LocalNode(name="PACS", ae_title="PACS_B", host="127.0.0.1", port=storescp.port)
-    provisioned = make_two_sites(
-        tmp_path / "fed",
-        broker=rabbitmq_node,
-        vhost=vhost,
-        routes=[Route(ROUTE, "PACS")],
-        nodes_b=[node],
+    provisioned = route_to_pacs(
+        tmp_path / "fed", broker=rabbitmq_node, vhost=vhost, pacs_port=storescp.port
     )
     yield provisioned
     delete_users(management, provisioned)

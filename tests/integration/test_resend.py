@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from dicombridge.config import LocalNode
 from dicombridge.management import ManagementClient
 from dicombridge.orthanc import free_port
 from dicombridge.quarantine import Quarantine
 from dicombridge.rabbitmq import BrokerNode
 from tests.brokerkit import wait_until
 from tests.pacskit import StoreSCPNode, dcmtk_storescu, sop_instance_uid
-from tests.relaykit import Route, ct_series, delete_users, make_two_sites, running_gateways
+from tests.relaykit import ct_series, delete_users, route_to_pacs, running_gateways
 
 pytestmark = pytest.mark.integration
 ROUTE = "SITE_B"
@@ -32,14 +31,7 @@ async def test_given_up_transfer_is_sent_again_and_stored_once_the_pacs_is_back(
     rabbitmq_node: BrokerNode, management: ManagementClient, vhost: str, tmp_path: Path
 ) -> None:
     pacs_port = free_port()  # nothing listens there yet: B's PACS is down
-    node = LocalNode(name="PACS", ae_title="PACS_B", host="127.0.0.1", port=pacs_port)
-    sites = make_two_sites(
-        tmp_path / "fed",
-        broker=rabbitmq_node,
-        vhost=vhost,
-        routes=[Route(ROUTE, "PACS")],
-        nodes_b=[node],
-    )
+    sites = route_to_pacs(tmp_path / "fed", broker=rabbitmq_node, vhost=vhost, pacs_port=pacs_port)
     edit(sites.config_a, "resend_after_s = 900", "resend_after_s = 2")
     edit(sites.config_b, "retry_initial_s = 1\n", "retry_initial_s = 0.2\n")
     edit(sites.config_b, "give_up_after_s = 86400", "give_up_after_s = 1")
