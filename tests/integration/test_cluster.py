@@ -1,4 +1,4 @@
-"""A 3-node RabbitMQ cluster: sites on different nodes, quorum replicas, a node killed.
+"""A 3-node RabbitMQ cluster: sites on different nodes, quorum replicas, nodes killed.
 
 The cluster starts once for this module (it dominates the module's time); every test
 provisions its own vhost, and starts from three running nodes (a node killed by an
@@ -25,7 +25,7 @@ from dicombridge.rabbitmq import BrokerCluster
 from dicombridge.sandbox import Federation, create_federation
 from dicombridge.spool import Receiver, ReceiverIdentity
 from dicombridge.topology import queue_name
-from dicombridge.transport import Transport
+from dicombridge.transport import Delivery, Transport
 from tests.brokerkit import Inbox, seal_for, wait_until
 
 pytestmark = pytest.mark.integration
@@ -236,3 +236,88 @@ async def test_killed_third_node_loses_nothing(
         200_000: before.read_bytes(),
         250_000: after.read_bytes(),
     }
+
+
+@pytest.mark.parametrize("leader_node", [True, False], ids=["leader-node", "follower-node"])
+async def test_consumer_and_publisher_of_a_killed_node_lose_nothing(
+    cluster: BrokerCluster, federation: Federation, leader_node: bool
+) -> None:
+    """hosp-a publishing and hosp-b consuming, both given all three URLs and both connected
+    to one node (the one that leads hosp-b's bulk queue, or another): kill -9 that node
+    while messages flow. The consumer is restored on another node and every message
+    confirmed to hosp-a reaches hosp-b (duplicates allowed: at-least-once)."""
+    site_a, site_b = federation.site("hosp-a"), federation.site("hosp-b")
+    with cluster.management() as client:
+        queue = client.get_queue(federation.vhost, queue_name("hosp-b", "bulk"))
+    assert queue is not None
+    leader = next(i for i, node in enumerate(cluster.nodes) if node.node == queue["leader"])
+    doomed = leader if leader_node else (leader + 1) % 3
+    order = [doomed, (doomed + 1) % 3, (doomed + 2) % 3]
+    killed_node = cluster.nodes[doomed].node
+    survivors = {node.node for node in cluster.nodes} - {killed_node}
+    total, body = 400, os.urandom(2048)
+    consumed: list[str] = []
+    confirmed: list[str] = []
+    lost_confirms = 0
+
+    async def record(delivery: Delivery) -> None:
+        assert delivery.message_id is not None
+        consumed.append(delivery.message_id)
+
+    async def publish_all(message_ids: Iterator[str]) -> None:
+        nonlocal lost_confirms
+        for message_id in message_ids:
+            for attempt in range(200):
+                try:
+                    await link_a.publish("bulk", "hosp-b", body, message_id=message_id)
+                except (BrokerUnreachableError, PublishRefusedError):
+                    lost_confirms += 1
+                    # The publisher's own backoff before it publishes again, as the gateway's.
+                    await asyncio.sleep(min(0.05 * (attempt + 1), 1.0))
+                else:
+                    confirmed.append(message_id)
+                    break
+
+    async def consumed_enough() -> bool:
+        return len(consumed) >= total // 4
+
+    async def consuming_again() -> bool:
+        counters = link_b.counters("bulk")
+        return counters.sessions >= 2 and counters.consuming
+
+    async def all_confirmed_consumed() -> bool:
+        return set(confirmed) <= set(consumed)
+
+    async with (
+        transport(site_b, site_urls(cluster, site_b, federation.vhost, *order)) as link_b,
+        transport(site_a, site_urls(cluster, site_a, federation.vhost, *order)) as link_a,
+    ):
+        consumer = asyncio.create_task(link_b.consume("bulk", record))
+        await wait_connected_to(cluster, "dicombridge hosp-b bulk", {killed_node})
+        await wait_connected_to(cluster, "dicombridge hosp-a bulk", {killed_node})
+        message_ids = iter([f"m{i:04d}" for i in range(total)])
+        publishers = [asyncio.create_task(publish_all(message_ids)) for _ in range(4)]
+        await wait_until(consumed_enough, timeout_s=60, what="messages flowing")
+        await asyncio.to_thread(cluster.kill_node, doomed)
+        killed = time.monotonic()
+        await wait_until(consuming_again, timeout_s=90, what="the consumer restored")
+        restored_s = time.monotonic() - killed
+        await asyncio.wait_for(asyncio.gather(*publishers), timeout=120)
+        await wait_until(all_confirmed_consumed, timeout_s=120, what="every confirmed message")
+        await wait_connected_to(cluster, "dicombridge hosp-b bulk", survivors)
+        counters = link_b.counters("bulk")
+        consumer.cancel()
+    logger.info(
+        "killed %s (%s): consumer restored in %.1fs; %d confirms lost and republished; "
+        "%d deliveries for %d messages; %s",
+        killed_node,
+        "queue leader" if leader_node else "a follower",
+        restored_s,
+        lost_confirms,
+        len(consumed),
+        total,
+        counters,
+    )
+    assert sorted(confirmed) == [f"m{i:04d}" for i in range(total)]
+    assert set(confirmed) <= set(consumed)
+    assert counters.dead_lettered_total == 0

@@ -1,4 +1,5 @@
-"""Sealed transfers across the real broker: round trip, sender checks, nothing readable."""
+"""Sealed transfers across the real broker: round trip, sender checks, nothing readable,
+consumers restored after the broker drops them."""
 
 from __future__ import annotations
 
@@ -9,20 +10,30 @@ import shutil
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import aio_pika
+import httpx
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
+from dicombridge.errors import PublishRefusedError
 from dicombridge.fragments import SealedTransfer
 from dicombridge.identity import LocalSite
 from dicombridge.management import ManagementClient
 from dicombridge.rabbitmq import BrokerNode
 from dicombridge.sandbox import Federation, create_federation
 from dicombridge.spool import Receiver, ReceiverIdentity
-from dicombridge.topology import dead_queue_name, exchange_name
+from dicombridge.topology import (
+    Limits,
+    PlaneLimits,
+    build_definitions,
+    dead_queue_name,
+    exchange_name,
+    queue_name,
+)
 from dicombridge.transport import Transport
 from tests.brokerkit import Inbox, seal_for, wait_until
 
@@ -58,6 +69,7 @@ class Receiving:
     site: LocalSite
     receiver: Receiver
     inbox: Inbox
+    link: Transport
 
 
 @pytest.fixture
@@ -72,7 +84,7 @@ async def hosp_b(federation: Federation) -> AsyncIterator[Receiving]:
     )
     async with transport(site) as link:
         task = asyncio.create_task(link.consume("bulk", receiver.handle))
-        yield Receiving(site, receiver, inbox)
+        yield Receiving(site, receiver, inbox, link)
         task.cancel()
 
 
@@ -273,3 +285,123 @@ async def test_resent_transfer_gets_its_receipt_again(
         consumer.cancel()
     assert again == [("hosp-a", sealed.transfer_id, receipt)]
     assert len(inbox.received) == 1
+
+
+# --- the consumer is restored, the publisher reports what it lost ------------------------
+
+
+def admin_api(node: BrokerNode) -> httpx.Client:
+    """The node's management API as its administrator, for what ManagementClient lacks."""
+    return httpx.Client(
+        base_url=f"{node.management_url}/api",
+        auth=(node.admin_user, node.admin_password.get_secret_value()),
+        timeout=10,
+    )
+
+
+def close_connections(node: BrokerNode, vhost: str, connection_name: str) -> int:
+    """Close, from the broker's side, the client connections named ``connection_name``."""
+    with admin_api(node) as api:
+        response = api.get(f"/vhosts/{quote(vhost, safe='')}/connections")
+        response.raise_for_status()
+        names = [
+            c["name"]
+            for c in response.json()
+            if c.get("client_properties", {}).get("connection_name") == connection_name
+        ]
+        for name in names:
+            api.delete(
+                f"/connections/{quote(name, safe='')}", headers={"X-Reason": "test"}
+            ).raise_for_status()
+        return len(names)
+
+
+async def send(federation: Federation, tmp_path: Path, name: str) -> Path:
+    """hosp-a sends hosp-b one small transfer; return its source file."""
+    source = tmp_path / name
+    source.write_bytes(os.urandom(70_000))
+    site_a = federation.site("hosp-a")
+    async with transport(site_a) as link:
+        await link.publish_transfer(seal_for(site_a, "hosp-b", source, 32 * 1024))
+    return source
+
+
+async def wait_sessions(receiving: Receiving, sessions: int, *, consuming: bool) -> None:
+    """Wait until hosp-b's bulk consumer has started ``sessions`` times and is (or is not)
+    consuming now."""
+
+    async def there() -> bool:
+        counters = receiving.link.counters("bulk")
+        return counters.sessions == sessions and counters.consuming is consuming
+
+    await wait_until(
+        there, timeout_s=30, what=f"consumer session {sessions} (consuming={consuming})"
+    )
+
+
+async def test_consumer_comes_back_after_the_broker_closes_its_connection(
+    federation: Federation, rabbitmq_node: BrokerNode, hosp_b: Receiving, tmp_path: Path
+) -> None:
+    """The broker closing the consumer's connection (as on a node's shutdown) ends one
+    consumer session; the transport reconnects, consumes again, and later transfers arrive."""
+    first = await send(federation, tmp_path, "first.bin")
+    await hosp_b.inbox.wait_for(1)
+
+    async def closed() -> bool:
+        found = await asyncio.to_thread(
+            close_connections, rabbitmq_node, federation.vhost, "dicombridge hosp-b bulk"
+        )
+        return found > 0
+
+    await wait_until(closed, timeout_s=30, what="hosp-b's bulk connection to close")
+    await wait_sessions(hosp_b, 2, consuming=True)
+    second = await send(federation, tmp_path, "second.bin")
+    await hosp_b.inbox.wait_for(2)
+    assert [path.read_bytes() for _, path in hosp_b.inbox.received] == [
+        first.read_bytes(),
+        second.read_bytes(),
+    ]
+
+
+async def test_consumer_cancelled_by_the_broker_consumes_again(
+    federation: Federation,
+    rabbitmq_node: BrokerNode,
+    management: ManagementClient,
+    hosp_b: Receiving,
+    tmp_path: Path,
+) -> None:
+    """A basic.cancel from the broker (its queue deleted) ends the consumer; it retries
+    until the queue is provisioned again, then consumes from it."""
+    await wait_sessions(hosp_b, 1, consuming=True)
+    queue = f"/queues/{quote(federation.vhost, safe='')}/{queue_name('hosp-b', 'bulk')}"
+    with admin_api(rabbitmq_node) as api:
+        api.delete(queue).raise_for_status()
+    await wait_sessions(hosp_b, 1, consuming=False)
+    management.apply(
+        build_definitions(vhost=federation.vhost, accounts=federation.operator.site_accounts())
+    )
+    await wait_sessions(hosp_b, 2, consuming=True)
+    source = await send(federation, tmp_path, "after.bin")
+    await hosp_b.inbox.wait_for(1)
+    assert hosp_b.inbox.received[0][1].read_bytes() == source.read_bytes()
+
+
+async def test_refused_fragments_raise_one_transport_error(
+    rabbitmq_node: BrokerNode, management: ManagementClient, vhost: str, tmp_path: Path
+) -> None:
+    """A transfer whose fragments a full queue refuses raises PublishRefusedError (not an
+    ExceptionGroup of them), so a caller catching TransportError retries it."""
+    limits = Limits(bulk=PlaneLimits(max_length_bytes=100_000))
+    fed = create_federation(
+        tmp_path / "fed", broker=rabbitmq_node, site_ids=SITES, vhost=vhost, limits=limits
+    )
+    try:
+        site_a = fed.site("hosp-a")
+        source = tmp_path / "big.bin"
+        source.write_bytes(os.urandom(1_000_000))
+        async with transport(site_a) as link:
+            with pytest.raises(PublishRefusedError):
+                await link.publish_transfer(seal_for(site_a, "hosp-b", source, 64 * 1024))
+    finally:
+        for site_id in SITES:
+            management.delete_user(site_id)
