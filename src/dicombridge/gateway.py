@@ -384,6 +384,7 @@ class Gateway:
         for entry in self.outbox.entries():
             if not entry.published:
                 self._publish_queue.put_nowait(entry.transfer.transfer_id_hex)
+        await asyncio.to_thread(self.receiver.recover)
         for incoming in self.receiver.pending():
             self.deliverer.submit(incoming)
         async with StorageSCP(
@@ -456,6 +457,7 @@ class Gateway:
                 max_in_flight_bytes=config.transfer.max_in_flight_bytes,
                 max_in_flight_messages=config.transfer.max_in_flight_messages,
                 connect_timeout_s=config.broker.connect_timeout_s,
+                heartbeat_s=config.broker.heartbeat_s,
             )
             try:
                 return await transport.__aenter__()

@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from dicombridge.directory import Directory
 from dicombridge.durable import free_bytes, fsync_dir, is_disk_full, write_durably
 from dicombridge.envelope import (
+    Header,
     Kind,
     Manifest,
     manifest_from_document,
@@ -304,6 +305,9 @@ class Receiver:
         self.quarantined = 0
         # Deliveries that found a disk full (each held until there was room, or requeued).
         self.disk_full_holds = 0
+        # One delivery of a transfer at a time: a redelivered fragment must not re-create
+        # a spool folder that a concurrent delivery has just assembled and discarded.
+        self._locks: dict[tuple[str, bytes], tuple[asyncio.Lock, int]] = {}  # lock, users
 
     def _done_marker(self, sender_site: str, transfer_id: bytes) -> Path:
         return self.done / sender_site / transfer_id.hex()
@@ -323,12 +327,44 @@ class Receiver:
         receipt = document.get("receipt") if isinstance(document, dict) else None
         return receipt if isinstance(receipt, dict) else None
 
+    def recover(self) -> int:
+        """After a restart: forget spooled messages of transfers already done.
+
+        A crash between writing a done marker and discarding the spool folder leaves
+        the folder behind; nothing would ever complete it. Returns how many were found.
+        """
+        found = 0
+        for folder in self.spool.root.glob("*/*"):
+            if folder.name.startswith(".") or not folder.is_dir():
+                continue
+            if self._done_marker(folder.parent.name, bytes.fromhex(folder.name)).exists():
+                shutil.rmtree(folder, ignore_errors=True)
+                found += 1
+        if found:
+            log.info("spooled messages of done transfers discarded", extra={"count": found})
+        return found
+
     async def handle(self, delivery: Delivery) -> None:
         """Store one delivery durably; if it completes a transfer, open and hand it on."""
         header = parse_header(delivery.body)
         sender = delivery.sender_site
         if header.kind not in (Kind.MANIFEST, Kind.FRAGMENT):
             raise EnvelopeError(f"{header.kind.name} message on the bulk plane")
+        key = (sender, header.message_id)
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                await self._handle_locked(delivery, header)
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    async def _handle_locked(self, delivery: Delivery, header: Header) -> None:
+        sender = delivery.sender_site
         marker = self._done_marker(sender, header.message_id)
         if marker.exists():
             self.duplicates_dropped += 1

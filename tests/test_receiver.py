@@ -1,0 +1,83 @@
+"""The receiver under redeliveries and restarts: every transfer handed on once, no leftovers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from dicombridge.spool import IncomingTransfer, Receiver, ReceiverIdentity
+from dicombridge.transport import Delivery
+from tests.cryptokit import Federation, make_federation, messages
+
+
+def _receiver(root: Path, fed: Federation, delivered: list[IncomingTransfer]) -> Receiver:
+    async def on_transfer(incoming: IncomingTransfer) -> None:
+        delivered.append(incoming)
+
+    return Receiver(
+        root, ReceiverIdentity("hosp-b", fed.keys["hosp-b"], fed.directory), on_transfer
+    )
+
+
+def _spooled(root: Path) -> list[Path]:
+    return [path for path in (root / "spool").glob("*/*") if not path.name.startswith(".")]
+
+
+async def test_redeliveries_racing_the_last_fragment_leave_nothing_in_the_spool(
+    tmp_path: Path,
+) -> None:
+    """A re-sent or redelivered message handled while its transfer is being assembled
+    (after a restart both arrive at once) is dropped, not spooled again for ever."""
+    fed = make_federation()
+    delivered: list[IncomingTransfer] = []
+    receiver = _receiver(tmp_path / "b", fed, delivered)
+    rounds = 40
+    for seed in range(rounds):
+        source = tmp_path / f"src{seed}.bin"
+        source.write_bytes(os.urandom(9000))
+        transfer = fed.seal(source, tmp_path / "outbox", fragment_size=1000)
+        bodies = messages(transfer)
+        # Every message twice, all at once: the original and a re-send.
+        await asyncio.gather(
+            *(
+                receiver.handle(Delivery(body, "hosp-a", "bulk", None, False))
+                for body in bodies + bodies
+            )
+        )
+    assert len(delivered) == rounds
+    assert len({incoming.transfer_id for incoming in delivered}) == rounds
+    assert receiver.duplicates_dropped > 0
+    assert _spooled(tmp_path / "b") == []
+    assert receiver._locks == {}
+
+
+async def test_restart_discards_spooled_messages_of_done_transfers(tmp_path: Path) -> None:
+    """A crash between the done marker and the spool's discard leaves a folder that
+    `recover` removes; a transfer still incomplete stays spooled."""
+    fed = make_federation()
+    delivered: list[IncomingTransfer] = []
+    root = tmp_path / "b"
+    receiver = _receiver(root, fed, delivered)
+    transfers = []
+    for seed in range(2):
+        source = tmp_path / f"src{seed}.bin"
+        source.write_bytes(os.urandom(3000))
+        transfers.append(fed.seal(source, tmp_path / "outbox", fragment_size=1000))
+    done, unfinished = (messages(transfer) for transfer in transfers)
+    for body in done:
+        await receiver.handle(Delivery(body, "hosp-a", "bulk", None, False))
+    await receiver.handle(Delivery(unfinished[0], "hosp-a", "bulk", None, False))
+    assert len(delivered) == 1
+    # As if killed before the discard: the done transfer's messages are back in the spool.
+    for body in done[:2]:
+        receiver.spool.put("hosp-a", body)
+    assert len(_spooled(root)) == 2
+
+    restarted = _receiver(root, fed, delivered)
+    assert restarted.recover() == 1
+    assert [path.name for path in _spooled(root)] == [transfers[1].transfer_id.hex()]
+    for body in unfinished[1:]:
+        await restarted.handle(Delivery(body, "hosp-a", "bulk", None, False))
+    assert len(delivered) == 2
+    assert _spooled(root) == []
