@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+import httpx
 import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from pynetdicom.dsutils import split_dataset
 
-from dicombridge.orthanc import free_port, is_listening
+from dicombridge.orthanc import OrthancServer, free_port, is_listening
 
 DCMTK_BIN: Final = Path("/usr/bin")
 
@@ -285,3 +286,12 @@ def restricted_storescp_args(workdir: Path) -> list[str]:
     config = workdir / "restricted.cfg"
     config.write_text(RESTRICTED_PROFILE, encoding="utf-8")
     return ["-xf", str(config), "Restricted"]
+
+
+def set_default_encoding(server: OrthancServer, encoding: str) -> None:
+    """Change Orthanc's ``DefaultEncoding`` while it runs (``PUT /tools/default-encoding``,
+    e.g. "Latin1", "Utf8"). Orthanc 1.10 answers a C-FIND in this character set whatever
+    the query's Specific Character Set; values it cannot represent are lost."""
+    auth = (server.username, server.password) if server.username and server.password else None
+    with httpx.Client(base_url=server.rest_url, auth=auth, timeout=30) as http:
+        http.put("/tools/default-encoding", content=encoding.encode("ascii")).raise_for_status()
