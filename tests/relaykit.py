@@ -105,16 +105,20 @@ def make_two_sites(
     routes: Sequence[Route],
     nodes_b: Sequence[LocalNode],
     limits: Limits | None = None,
+    port_b: int | None = None,
+    extra_a: str = "",
+    extra_b: str = "",
 ) -> TwoSites:
     """Provision sites A and B (unique ids: broker users are global), with queue
     ``limits``, and configure them as the sandbox does: A's route AE titles lead to B's
-    local nodes."""
+    local nodes. ``extra_a``/``extra_b`` are TOML appended to each site's config, with
+    ``{site_a}`` and ``{site_b}`` replaced by the sites' ids."""
     suffix = secrets.token_hex(3)
     site_a, site_b = f"a-{suffix}", f"b-{suffix}"
     federation = create_federation(
         root, broker=broker, site_ids=[site_a, site_b], vhost=vhost, limits=limits
     )
-    port_a, port_b = free_port(), free_port()
+    port_a, port_b = free_port(), port_b or free_port()
     _configure(
         federation.site_configs[site_a],
         ae_title="GATEWAY_A",
@@ -129,6 +133,12 @@ def make_two_sites(
         routes=[],
         nodes=nodes_b,
     )
+    for site, extra in ((site_a, extra_a), (site_b, extra_b)):
+        if extra:
+            path = federation.site_configs[site]
+            text = extra.replace("{site_a}", site_a).replace("{site_b}", site_b)
+            path.write_text(path.read_text(encoding="utf-8") + "\n" + text, encoding="utf-8")
+            site_config.load(path)
     return TwoSites(federation, site_a, site_b, port_a, port_b)
 
 

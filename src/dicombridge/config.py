@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Final
+from typing import Annotated, Final, Literal
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from pydantic import (
@@ -25,6 +25,7 @@ from pydantic import (
 from dicombridge.directory import SiteId
 from dicombridge.envelope import DEFAULT_FRAGMENT_SIZE, MAX_FRAGMENT_SIZE
 from dicombridge.errors import ConfigError
+from dicombridge.topology import check_site_id
 
 CONFIG_FILE: Final = "gateway.toml"
 
@@ -218,6 +219,46 @@ class RetentionSection(_Section):
         return self
 
 
+QueryLevel = Literal["PATIENT", "STUDY", "SERIES", "IMAGE"]
+RemoteOperation = Literal["echo", "find", "move", "get"]
+
+
+class QuerySection(_Section):
+    """Queries and retrieves this site's nodes send to a route's AE title."""
+
+    # A remote site that sends nothing for this long (no match, no progress) fails the
+    # query or retrieve with an Error Comment; the remote side is told to stop.
+    timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    # C-ECHO to a route's AE title succeeds only if the remote gateway and its node
+    # answer (false: the gateway answers C-ECHO itself).
+    deep_echo: bool = True
+
+
+def _patient_key_required() -> dict[QueryLevel, list[str]]:
+    return {"PATIENT": ["PatientName|PatientID"]}
+
+
+class RemoteAccessEntry(_Section):
+    """What another site may ask of this site's nodes (C-FIND, C-MOVE, C-GET, deep echo).
+
+    The responding site decides: a site without an entry (nor ``site = "*"``) is refused.
+    ``required_keys`` maps a level to keys that must hold a value other than empty or
+    wildcards only; ``"PatientName|PatientID"`` means one of them.
+    """
+
+    site: str = Field(min_length=1, max_length=64)
+    operations: list[RemoteOperation] = Field(default=["echo", "find", "move", "get"])
+    levels: list[QueryLevel] = Field(default=["PATIENT", "STUDY", "SERIES", "IMAGE"])
+    required_keys: dict[QueryLevel, list[str]] = Field(default_factory=_patient_key_required)
+    max_matches: int = Field(default=1000, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _site_or_any(self) -> RemoteAccessEntry:
+        if self.site != "*":
+            check_site_id(self.site)
+        return self
+
+
 class SiteConfig(_Section):
     """The whole of ``gateway.toml``; paths already resolved against its directory."""
 
@@ -233,6 +274,8 @@ class SiteConfig(_Section):
     outbox: OutboxSection = OutboxSection()
     delivery: DeliverySection = DeliverySection()
     retention: RetentionSection = RetentionSection()
+    query: QuerySection = QuerySection()
+    remote_access: list[RemoteAccessEntry] = Field(default_factory=list)
     source: Path = Path()
 
     @model_validator(mode="after")
@@ -247,6 +290,9 @@ class SiteConfig(_Section):
         names = [n.name for n in self.local_nodes]
         if len(names) != len(set(names)):
             raise ValueError("two local_nodes have the same name")
+        granted = [entry.site for entry in self.remote_access]
+        if len(granted) != len(set(granted)):
+            raise ValueError("two remote_access entries name the same site")
         return self
 
     def route(self, called_ae_title: str) -> RouteEntry | None:
@@ -443,4 +489,22 @@ done_max_age_days = 90
 # spool_max_bytes = 10737418240
 # quarantine_max_bytes = 10737418240
 # incoming_max_bytes = 10737418240
+
+[query]
+# C-FIND, C-MOVE, C-GET sent by nodes here to a route's AE title: a remote site silent
+# for this many seconds fails the request with an Error Comment.
+timeout_s = 30
+# C-ECHO to a route's AE title succeeds only if the remote gateway and its PACS answer.
+deep_echo = true
+
+# What other sites may ask of this site's nodes. This site decides: a site not listed
+# (nor "*") is refused with status 0x0124 (not authorised), and so is anything outside
+# its entry. required_keys: keys that must hold a value (not empty, not only wildcards)
+# at a level; "A|B" means one of them.
+# [[remote_access]]
+# site = "hosp-a"
+# operations = ["echo", "find", "move", "get"]
+# levels = ["PATIENT", "STUDY", "SERIES", "IMAGE"]
+# required_keys = {{ PATIENT = ["PatientName|PatientID"] }}
+# max_matches = 1000
 """

@@ -7,6 +7,9 @@
                                                              \\--> receipt (control, to sender)
     broker (control) --> receipts --> outbox (stored: entry removed; failed: kept)
 
+    workstation --C-FIND/C-ECHO--> scp --> requester --query--> broker (control, to the site)
+    broker (control) --query--> responder --C-FIND--> local PACS --matches--> requester
+
 Everything runs on one asyncio loop in a ``TaskGroup``; pynetdicom's threads hand work to
 it explicitly.
 
@@ -26,12 +29,24 @@ import contextlib
 import logging
 import random
 import signal
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
 from dicombridge.acceptance import AcceptancePolicy
 from dicombridge.config import LocalNode
-from dicombridge.control import RECEIPT, Receipt, open_control, seal_control
+from dicombridge.control import (
+    CANCEL,
+    QUERY,
+    QUERY_RESPONSE,
+    RECEIPT,
+    Cancel,
+    Query,
+    QueryResponse,
+    Receipt,
+    open_control,
+    seal_control,
+)
 from dicombridge.delivery import Deliverer, StoreClient
 from dicombridge.errors import (
     BrokerUnreachableError,
@@ -44,7 +59,10 @@ from dicombridge.fragments import SealedTransfer
 from dicombridge.identity import LocalSite
 from dicombridge.outbox import Outbox
 from dicombridge.quarantine import Quarantine
+from dicombridge.query_policy import RemoteAccessPolicy
 from dicombridge.receipts import UnsentReceipts
+from dicombridge.requester import Requester
+from dicombridge.responder import Responder
 from dicombridge.retention import run_retention
 from dicombridge.scp import ReceivedInstance, ScpSettings, StorageSCP, StoreOutcome
 from dicombridge.scu import StoreSCU
@@ -97,6 +115,19 @@ class Gateway:
         # only: a figure for byte identity, compared with the receiver's stored_sha256).
         self.received_sha256: dict[str, str] = {}
         self.resends = 0
+        self.requester = Requester(
+            routes=config.routes,
+            publish=self._publish_control,
+            timeout_s=config.query.timeout_s,
+            deep_echo=config.query.deep_echo,
+        )
+        self.responder = Responder(
+            local_nodes={n.name: n for n in config.local_nodes},
+            calling_ae_title=config.gateway.ae_title,
+            policy=RemoteAccessPolicy(config.remote_access),
+            publish=self._publish_control,
+            dimse_timeout_s=config.gateway.dimse_timeout_s,
+        )
 
     def _client(self, node: LocalNode) -> StoreClient:
         if node.name not in self._clients:
@@ -348,6 +379,16 @@ class Gateway:
                 delay = min(delay * 2, 30.0)
         await asyncio.to_thread(self.unsent_receipts.confirmed, to_site, transfer_id)
 
+    async def _publish_control(self, to_site: str, document: dict[str, Any]) -> None:
+        """Seal a control document for ``to_site`` and publish it (raises TransportError)."""
+        transport = self._transport
+        if transport is None or not self._broker_connected.is_set():
+            raise BrokerUnreachableError("not connected to the broker yet")
+        message_id, body = seal_control(
+            document, sender=self.site.sender, directory=self.site.directory, recipient_site=to_site
+        )
+        await transport.publish("control", to_site, body, message_id=message_id)
+
     async def _on_control(self, delivery: Delivery) -> None:
         message = open_control(
             delivery.body,
@@ -356,17 +397,26 @@ class Gateway:
             keys=self.site.keys,
             directory=self.site.directory,
         )
-        if message.type != RECEIPT:
+        sender = message.sender_site
+        if message.type == QUERY_RESPONSE:
+            self.requester.on_response(sender, QueryResponse.from_document(message.document))
+        elif message.type == QUERY:
+            query = Query.from_document(message.document)
+            await self.responder.on_query(sender, query, _created_at(message.document))
+        elif message.type == CANCEL:
+            await self.responder.on_cancel(sender, Cancel.from_document(message.document))
+        elif message.type == RECEIPT:
+            await self._on_receipt(sender, Receipt.from_document(message.document))
+        else:
             raise IntegrityError(f"unknown control message type {message.type!r}")
-        receipt = Receipt.from_document(message.document)
-        entry = await asyncio.to_thread(
-            self.outbox.record_receipt, receipt, from_site=message.sender_site
-        )
+
+    async def _on_receipt(self, sender: str, receipt: Receipt) -> None:
+        entry = await asyncio.to_thread(self.outbox.record_receipt, receipt, from_site=sender)
         log.info(
             "receipt",
             extra={
                 "transfer_id": receipt.transfer_id.hex(),
-                "from_site": message.sender_site,
+                "from_site": sender,
                 "outcome": receipt.outcome,
                 "status": f"{receipt.status:#06x}",
                 "known": entry is not None,
@@ -380,6 +430,7 @@ class Gateway:
     ) -> None:
         """Serve until cancelled, or until ``stop`` is set (then stop gracefully)."""
         self._loop = asyncio.get_running_loop()
+        self.requester.loop = self._loop
         self.outbox.recover()
         for entry in self.outbox.entries():
             if not entry.published:
@@ -391,6 +442,7 @@ class Gateway:
             policy=self.acceptance_policy(),
             on_store=self.on_instance,
             settings=self.scp_settings(),
+            queries=self.requester,
         ) as scp:
             self.scp_port = scp.port
             try:
@@ -408,6 +460,7 @@ class Gateway:
             except* _Stopped:
                 log.info("gateway stopped", extra={"site": self.site.site_id})
             finally:
+                await self.responder.close()
                 for client in self._clients.values():
                     await asyncio.to_thread(client.close)
 
@@ -488,6 +541,13 @@ class Gateway:
                 log.info("gateway ready", extra={"site": self.site.site_id})
         finally:
             await transport.__aexit__(None, None, None)
+
+
+def _created_at(document: dict[str, Any]) -> datetime | None:
+    try:
+        return datetime.fromisoformat(str(document["created_at"]))
+    except (KeyError, ValueError):
+        return None
 
 
 class _Stopped(Exception):

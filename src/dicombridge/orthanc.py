@@ -124,6 +124,8 @@ class OrthancSettings:
     # Append the SOP Instance UID of every C-STORE received, stored or not (an Orthanc
     # ignores an instance it holds already), to ``received.log``: duplicates show there.
     count_received: bool = False
+    # The character set of Orthanc's C-FIND answers and new tags ("Latin1", "Utf8", ...).
+    default_encoding: str = "Latin1"
 
 
 @dataclass(frozen=True)
@@ -226,6 +228,9 @@ class OrthancServer:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # a Ctrl-C at the terminal is for us, not for it
+                # Orthanc's DICOM is DCMTK's, which sets TCP_NODELAY only when asked: without
+                # it every response waits ~40 ms for a delayed ACK (Nagle).
+                env={**os.environ, "TCP_NODELAY": "1"},
             )
         _CHILDREN[process.pid] = process
         server = cls(
@@ -412,6 +417,7 @@ def render(
         "DicomAet": settings.ae_title,
         "DicomPort": dicom_port,
         "DicomCheckCalledAet": True,
+        "DefaultEncoding": settings.default_encoding,
         "DicomAlwaysAllowEcho": True,
         "DicomAlwaysAllowStore": True,
         "DicomCheckModalityHost": False,

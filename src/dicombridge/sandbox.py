@@ -138,8 +138,8 @@ def _configure_site(
     other_sites: list[str],
     other_broker_ports: list[int],
 ) -> None:
-    """Give a freshly initialised site its gateway port, routes, local PACS node and,
-    in a cluster, the other nodes' URLs."""
+    """Give a freshly initialised site its gateway port, routes, local PACS node, the
+    other sites' access to it and, in a cluster, the other nodes' URLs."""
     text = config_path.read_text(encoding="utf-8")
     if other_broker_ports:
         url = site_config.load(config_path).broker.url
@@ -158,6 +158,8 @@ def _configure_site(
         f'\n[[local_nodes]]\nname = "PACS"\nae_title = "{pacs.ae_title}"\n'
         f'host = "127.0.0.1"\nport = {pacs.dicom_port}\n'
     )
+    # Every other sandbox site may query and retrieve from this one (default rules).
+    blocks += [f'\n[[remote_access]]\nsite = "{other}"\n' for other in other_sites]
     config_path.write_text(text + "".join(blocks), encoding="utf-8")
     site_config.load(config_path)  # fail here, not in the gateway, if the edit is wrong
 

@@ -70,6 +70,7 @@ from pynetdicom.pdu_primitives import P_DATA
 from dicombridge.acceptance import SERVER_AE_TITLE, AcceptancePolicy, AssociationGate
 from dicombridge.durable import free_bytes, is_disk_full
 from dicombridge.errors import DicomServiceError
+from dicombridge.qr_scp import FIND_MODELS, FindHandler, QueryBridge, deep_echo, status_dataset
 
 LOGGER = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ MINIMUM_PDU_SIZE: Final = 16 * 1024
 MAXIMUM_PDU_SIZE: Final = 4 * 1024 * 1024
 
 SUCCESS: Final = 0x0000
+PROCESSING_FAILURE: Final = 0x0110
 OUT_OF_RESOURCES: Final = 0xA700
 DATA_SET_DOES_NOT_MATCH_SOP_CLASS: Final = 0xA900
 CANNOT_UNDERSTAND: Final = 0xC000
@@ -433,9 +435,11 @@ class StorageSCP:
         policy: AcceptancePolicy,
         on_store: StoreCallback,
         settings: ScpSettings | None = None,
+        queries: QueryBridge | None = None,
     ) -> None:
         self.settings = settings or ScpSettings()
         self._on_store = on_store
+        self._queries = queries
         self._gate = AssociationGate(
             policy,
             transfer_syntaxes=TRANSFER_SYNTAXES,
@@ -489,6 +493,10 @@ class StorageSCP:
             (evt.EVT_C_ECHO, self._on_c_echo),
             (evt.EVT_C_STORE, self._on_c_store),
         ]
+        if self._queries is not None:
+            for find_sop_class in FIND_MODELS:
+                ae.add_supported_context(find_sop_class, list(TRANSFER_SYNTAXES[:3]))
+            handlers.append((evt.EVT_C_FIND, FindHandler(self._queries)))
         try:
             self._server = ae.start_server(
                 (settings.host, settings.port),
@@ -558,9 +566,18 @@ class StorageSCP:
     def _on_conn_open(self, event: evt.Event) -> None:
         _receive_into(event, self.receive_dir)
 
-    def _on_c_echo(self, event: evt.Event) -> int:
-        """C-ECHO is answered by the gateway itself (PS3.4 A)."""
-        return SUCCESS
+    def _on_c_echo(self, event: evt.Event) -> int | Dataset:
+        """C-ECHO (PS3.4 A): answered by the gateway itself, or, to a route's AE title with
+        deep echo on, only once the remote gateway and its node answered (0x0110 with an
+        Error Comment otherwise)."""
+        if self._queries is None:
+            return SUCCESS
+        try:
+            answer = deep_echo(self._queries, _called(event), _calling(event))
+        except Exception as exc:
+            LOGGER.error("deep C-ECHO failed in the gateway: %s", type(exc).__name__)
+            return status_dataset(PROCESSING_FAILURE, "gateway error")
+        return SUCCESS if answer is None else answer
 
     def _on_c_store(self, event: evt.Event) -> Dataset:
         """Check one C-STORE, hand it to the callback; never raises (pynetdicom thread)."""

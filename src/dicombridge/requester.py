@@ -1,0 +1,272 @@
+"""The requesting side of a query across sites: one session per C-FIND, C-MOVE, C-GET or
+deep C-ECHO that a node here sent to a route's AE title.
+
+``Requester.start`` turns the request into a sealed ``query`` for the route's site and
+returns a ``QuerySession``. The responding site's ``query-response`` messages arrive on
+this site's control queue (``Requester.on_response``) and are handed to the session in
+order of their ``seq`` (the control queue keeps order, but a redelivery may not): the
+SCP's thread reads them from the session as they come, so the first match is passed on
+before the last one is found. A session ends with its ``final`` response, or when the
+requester cancels it or stops waiting (``cancel``): the responding site is told, and
+later responses are dropped.
+
+Nothing here blocks the event loop; ``QuerySession.next`` is for the SCP's threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from pydicom.dataset import Dataset
+
+from dicombridge.config import RouteEntry
+from dicombridge.control import (
+    Cancel,
+    InformationModel,
+    Operation,
+    Query,
+    QueryResponse,
+)
+from dicombridge.envelope import new_id
+from dicombridge.errors import BridgeError
+
+log = logging.getLogger(__name__)
+
+# Statuses the requester's own side answers with (PS3.4 C.4, PS3.7 C).
+STATUS_CANCEL: Final = 0xFE00
+STATUS_OUT_OF_RESOURCES: Final = 0xA700
+STATUS_UNABLE_TO_PROCESS: Final = 0xC000
+STATUS_PROCESSING_FAILURE: Final = 0x0110
+# Held out-of-order responses per session, at most (a match is small; a flood is not).
+MAX_HELD_RESPONSES: Final = 1024
+
+Publish = Callable[[str, dict[str, Any]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ScpRequest:
+    """What a node here asked of a route's AE title."""
+
+    operation: Operation
+    called_ae_title: str
+    calling_ae_title: str
+    model: InformationModel | None = None
+    identifier: bytes | None = None
+    accepted: tuple[tuple[str, str], ...] = ()
+
+
+class QuerySession:
+    """The responses to one query, in order, for the thread that answers the requester."""
+
+    def __init__(self, query_id: str, to_site: str | None, timeout_s: float) -> None:
+        self.query_id = query_id
+        self.to_site = to_site
+        self.timeout_s = timeout_s
+        self.started = time.monotonic()
+        self._queue: queue.Queue[QueryResponse] = queue.Queue()
+        self._next_seq = 0
+        self._held: dict[int, QueryResponse] = {}
+        self.finished = False
+
+    def deliver(self, response: QueryResponse) -> bool:
+        """Take a response (on the loop); returns True once the final one was passed on."""
+        if self.finished or response.seq < self._next_seq:
+            return self.finished  # a redelivery of one passed on already
+        if len(self._held) >= MAX_HELD_RESPONSES:
+            self.fail(STATUS_UNABLE_TO_PROCESS, "responses out of order beyond the limit")
+            return True
+        self._held[response.seq] = response
+        while self._next_seq in self._held:
+            ready = self._held.pop(self._next_seq)
+            self._next_seq += 1
+            self._queue.put(ready)
+            if ready.final:
+                self.finished = True
+                self._held.clear()
+        return self.finished
+
+    def fail(self, status: int, comment: str) -> None:
+        """End the session here with a failure of our own (no remote answer)."""
+        if self.finished:
+            return
+        self.finished = True
+        self._queue.put(
+            QueryResponse(
+                self.query_id, self._next_seq, status, final=True, error_comment=comment[:64]
+            )
+        )
+
+    def next(self, timeout_s: float) -> QueryResponse | None:
+        """The next response, waiting up to ``timeout_s`` (None: nothing came)."""
+        try:
+            return self._queue.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+
+
+class Requester:
+    """Sessions of queries sent from here; one per site's gateway."""
+
+    def __init__(
+        self,
+        *,
+        routes: list[RouteEntry],
+        publish: Publish,
+        timeout_s: float,
+        deep_echo: bool = True,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self._routes = {route.ae_title: route for route in routes}
+        self._publish = publish
+        self.timeout_s = timeout_s
+        self.deep_echo_enabled = deep_echo
+        self._loop = loop
+        self._sessions: dict[str, QuerySession] = {}
+        # The last deep echo's figures per site: round trip and the remote clock's skew.
+        self.last_echo: dict[str, EchoResult] = {}
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the SCP's threads hand requests to (the one ``start`` runs on)."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    @loop.setter
+    def loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def replace_routes(self, routes: list[RouteEntry]) -> None:
+        self._routes = {route.ae_title: route for route in routes}
+
+    def route(self, called_ae_title: str) -> RouteEntry | None:
+        return self._routes.get(called_ae_title.strip())
+
+    async def start(self, request: ScpRequest) -> QuerySession:
+        """Send ``request`` to the site behind its called AE title; return its session.
+
+        A session that could not be sent is returned already failed, with an Error
+        Comment that says why.
+        """
+        query_id = new_id().hex()
+        route = self.route(request.called_ae_title)
+        session = QuerySession(query_id, route.site if route else None, self.timeout_s)
+        if route is None:
+            session.fail(STATUS_UNABLE_TO_PROCESS, "no remote site behind this AE title")
+            return session
+        query = Query(
+            query_id=query_id,
+            operation=request.operation,
+            node=route.node,
+            calling_ae_title=request.calling_ae_title.strip(),
+            called_ae_title=request.called_ae_title.strip(),
+            timeout_s=self.timeout_s,
+            model=request.model,
+            identifier=request.identifier,
+            accepted=request.accepted,
+        )
+        self._sessions[query_id] = session
+        try:
+            await self._publish(route.site, query.to_document())
+        except BridgeError as exc:
+            self._sessions.pop(query_id, None)
+            log.warning(
+                "query not sent",
+                extra={"query_id": query_id, "to_site": route.site, "error": type(exc).__name__},
+            )
+            session.fail(STATUS_OUT_OF_RESOURCES, f"broker unreachable; {route.site} not asked")
+            return session
+        log.info(
+            "query sent",
+            extra={"query_id": query_id, "to_site": route.site, "operation": request.operation},
+        )
+        return session
+
+    async def cancel(self, session: QuerySession, *, reason: str = "cancelled") -> None:
+        """Stop a session and tell the responding site (best effort)."""
+        if self._sessions.pop(session.query_id, None) is None or session.to_site is None:
+            return
+        log.info("query cancelled", extra={"query_id": session.query_id, "reason": reason})
+        try:
+            await self._publish(session.to_site, Cancel(session.query_id).to_document())
+        except BridgeError as exc:
+            log.warning(
+                "cancel not sent",
+                extra={"query_id": session.query_id, "error": type(exc).__name__},
+            )
+
+    async def deep_echo(self, called_ae_title: str, calling_ae_title: str) -> int | Dataset | None:
+        """C-ECHO to a route's AE title: 0x0000 only if the remote gateway and its node
+        answered; 0x0110 with an Error Comment otherwise. None: answer locally (deep echo
+        off, or the gateway's own AE title)."""
+        route = self.route(called_ae_title)
+        if route is None or not self.deep_echo_enabled:
+            return None
+        sent_at = time.time()
+        session = await self.start(ScpRequest("echo", called_ae_title, calling_ae_title))
+        response = await asyncio.to_thread(session.next, self.timeout_s)
+        received_at = time.time()
+        if response is None:
+            await self.cancel(session, reason="timed out")
+            return _echo_failure(f"{route.site} did not answer within {self.timeout_s:.0f} s")
+        if response.clock is not None:
+            result = EchoResult(
+                site=route.site,
+                status=response.status,
+                round_trip_s=received_at - sent_at,
+                skew_s=response.clock - (sent_at + received_at) / 2,
+            )
+            self.last_echo[route.site] = result
+            log.info(
+                "deep echo",
+                extra={
+                    "to_site": route.site,
+                    "status": f"{response.status:#06x}",
+                    "round_trip_s": round(result.round_trip_s, 3),
+                    "clock_skew_s": round(result.skew_s, 3),
+                },
+            )
+        if response.status != 0x0000:
+            comment = response.error_comment or f"status {response.status:#06x}"
+            return _echo_failure(f"{route.site}: {comment}")
+        return 0x0000
+
+    def on_response(self, from_site: str, response: QueryResponse) -> None:
+        """A response arrived on the control queue (on the loop)."""
+        session = self._sessions.get(response.query_id)
+        if session is None or session.to_site != from_site:
+            log.info(
+                "response to no open query dropped",
+                extra={"query_id": response.query_id, "from_site": from_site},
+            )
+            return
+        if session.deliver(response):
+            self._sessions.pop(response.query_id, None)
+
+    @property
+    def open_sessions(self) -> int:
+        return len(self._sessions)
+
+
+@dataclass(frozen=True)
+class EchoResult:
+    """A deep echo's figures: the remote site's status, round trip and clock skew
+    (remote clock minus ours at the middle of the round trip; positive: theirs is ahead)."""
+
+    site: str
+    status: int
+    round_trip_s: float
+    skew_s: float
+
+
+def _echo_failure(comment: str) -> Dataset:
+    status = Dataset()
+    status.Status = STATUS_PROCESSING_FAILURE
+    status.ErrorComment = comment[:64]
+    return status
