@@ -16,6 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from tests.pacskit import DCMTK_BIN, dcmtk_env
 
 CT_IMAGE_STORAGE: Final = "1.2.840.10008.5.1.4.1.1.2"
+MR_IMAGE_STORAGE: Final = "1.2.840.10008.5.1.4.1.1.4"
 RETRIEVE_AE_TITLE: Final = 0x00080054
 WORKSTATION_AE: Final = "WORKSTATION"
 
@@ -37,17 +38,20 @@ def make_study(
     series: int = 2,
     instances: int = 3,
     rows: int = 8,
+    sop_class_uid: str = CT_IMAGE_STORAGE,
+    study_uid: str | None = None,
 ) -> list[Path]:
-    """A study of ``series`` x ``instances`` tiny CT images for ``patient``."""
+    """A study of ``series`` x ``instances`` tiny images for ``patient`` (CT unless
+    ``sop_class_uid`` says otherwise; more series of an existing study with ``study_uid``)."""
     directory.mkdir(parents=True, exist_ok=True)
-    study_uid = generate_uid()
+    study_uid = study_uid or generate_uid()
     paths = []
     for series_number in range(1, series + 1):
         series_uid = generate_uid()
         for number in range(1, instances + 1):
             ds = Dataset()
             ds.SpecificCharacterSet = patient.charset
-            ds.SOPClassUID = CT_IMAGE_STORAGE
+            ds.SOPClassUID = sop_class_uid
             ds.SOPInstanceUID = generate_uid()
             ds.PatientName = patient.name
             ds.PatientID = patient.patient_id
@@ -78,7 +82,7 @@ def make_study(
             meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
             meta.TransferSyntaxUID = ExplicitVRLittleEndian
             ds.file_meta = meta
-            path = directory / f"s{series_number}i{number:04d}.dcm"
+            path = directory / f"{modality}{series_number}i{number:04d}.dcm"
             ds.save_as(path, enforce_file_format=True)
             paths.append(path)
     return paths

@@ -106,6 +106,7 @@ def make_two_sites(
     nodes_b: Sequence[LocalNode],
     limits: Limits | None = None,
     port_b: int | None = None,
+    nodes_a: Sequence[LocalNode] = (),
     extra_a: str = "",
     extra_b: str = "",
 ) -> TwoSites:
@@ -124,7 +125,7 @@ def make_two_sites(
         ae_title="GATEWAY_A",
         port=port_a,
         routes=[(r.ae_title, site_b, r.node) for r in routes],
-        nodes=[],
+        nodes=nodes_a,
     )
     _configure(
         federation.site_configs[site_b],

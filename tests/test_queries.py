@@ -160,13 +160,13 @@ async def test_requester_passes_responses_on_in_order_and_drops_strays() -> None
     assert [(site, doc["type"]) for site, doc in published] == [("hosp-b", "query")]
     qid = session.query_id
     requester.on_response("hosp-b", QueryResponse(qid, 1, 0xFF00, final=False, identifier=b"2"))
-    assert session.next(0.01) is None  # held until seq 0 arrives
+    assert session.next_response(0.01) is None  # held until seq 0 arrives
     requester.on_response("hosp-x", QueryResponse(qid, 0, 0xFF00, final=False, identifier=b"x"))
-    assert session.next(0.01) is None  # another site cannot answer for hosp-b
+    assert session.next_response(0.01) is None  # another site cannot answer for hosp-b
     requester.on_response("hosp-b", QueryResponse(qid, 0, 0xFF00, final=False, identifier=b"1"))
     requester.on_response("hosp-b", QueryResponse(qid, 0, 0xFF00, final=False, identifier=b"1"))
     requester.on_response("hosp-b", QueryResponse(qid, 2, 0x0000, final=True))
-    got = [session.next(0.01) for _ in range(4)]
+    got = [session.next_response(0.01) for _ in range(4)]
     assert [(r.seq, r.identifier) for r in got if r is not None] == [
         (0, b"1"),
         (1, b"2"),
@@ -185,7 +185,7 @@ async def test_requester_fails_at_once_without_a_route_or_a_broker() -> None:
     )
     unknown = await requester.start(ScpRequest("find", "NOWHERE", "WS", "study", b"q"))
     down = await requester.start(ScpRequest("find", "SITE_B", "WS", "study", b"q"))
-    first, second = unknown.next(0.01), down.next(0.01)
+    first, second = unknown.next_response(0.01), down.next_response(0.01)
     assert first is not None
     assert second is not None
     assert (first.final, first.status, first.error_comment) == (

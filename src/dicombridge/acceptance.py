@@ -27,7 +27,11 @@ installed from an ``EVT_CONN_OPEN`` handler, which pynetdicom runs after creatin
 - ``AssociationSocket.socket`` gets ``TCP_NODELAY`` (``_shutdown_socket`` drops a
   connection whose hooks could not be installed);
 - ``sop_class._STORAGE_CLASSES`` tells storage SOP classes apart, as pynetdicom's
-  unrestricted storage negotiation does, to narrow their proposed transfer syntaxes.
+  unrestricted storage negotiation does, to narrow their proposed transfer syntaxes;
+- ``association.uid_to_service_class`` (the name ``Association._serve_request`` looks
+  up) gives ``retrieve_scp.RelayedRetrieveService`` for the Query/Retrieve SOP classes
+  (``use_service_class``): process-wide, but that class behaves as pynetdicom's own unless
+  the association's AE carries the gateway's retrieve handler.
 
 These internals change between releases, so pynetdicom is pinned in ``pyproject.toml``
 and importing this module fails loudly with any other version.
@@ -46,6 +50,7 @@ from typing import Any, Final, cast
 
 import pynetdicom
 from pydicom.uid import UID
+from pynetdicom import association as _association
 from pynetdicom import evt, sop_class
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
@@ -82,6 +87,23 @@ _PDU_TYPES: Final = frozenset(range(0x01, 0x08))
 # A-ASSOCIATE-RJ result and source (PS3.8 Table 9-21).
 _REJECTED_PERMANENT: Final = 0x01
 _SERVICE_USER: Final = 0x01
+
+
+_PYNETDICOM_SERVICE_CLASS: Final = getattr(_association, "uid_to_service_class")  # noqa: B009
+_OWN_SERVICE_CLASSES: dict[str, type[Any]] = {}
+
+
+def _service_class_for(uid: str) -> type[Any]:
+    own = _OWN_SERVICE_CLASSES.get(str(uid))
+    return own if own is not None else _PYNETDICOM_SERVICE_CLASS(uid)
+
+
+def use_service_class(sop_class_uids: Iterable[str], service_class: type[Any]) -> None:
+    """Serve requests of these SOP classes with ``service_class`` (a subclass of the
+    pynetdicom class it replaces) in every association of this process from now on."""
+    for uid in sop_class_uids:
+        _OWN_SERVICE_CLASSES[str(uid)] = service_class
+    _association.uid_to_service_class = _service_class_for  # type: ignore[attr-defined]
 
 
 class RejectReason(enum.IntEnum):

@@ -229,6 +229,9 @@ class QuerySection(_Section):
     # A remote site that sends nothing for this long (no match, no progress) fails the
     # query or retrieve with an Error Comment; the remote side is told to stop.
     timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    # The same for C-MOVE and C-GET, between two instances or responses (a large instance
+    # crossing a slow link sends nothing meanwhile).
+    retrieve_timeout_s: float = Field(default=600.0, gt=0, le=86400)
     # C-ECHO to a route's AE title succeeds only if the remote gateway and its node
     # answer (false: the gateway answers C-ECHO itself).
     deep_echo: bool = True
@@ -494,6 +497,8 @@ done_max_age_days = 90
 # C-FIND, C-MOVE, C-GET sent by nodes here to a route's AE title: a remote site silent
 # for this many seconds fails the request with an Error Comment.
 timeout_s = 30
+# C-MOVE and C-GET: the same, between two instances or responses.
+retrieve_timeout_s = 600
 # C-ECHO to a route's AE title succeeds only if the remote gateway and its PACS answer.
 deep_echo = true
 

@@ -115,7 +115,10 @@ class Query:
     are those of the association at the sender (for the recipient's policy and audit).
     ``timeout_s`` is how long the requester waits: a query older than that is not run.
     ``accepted`` (C-GET) lists the (SOP Class UID, Transfer Syntax UID) pairs the
-    requester accepted for its storage sub-operations.
+    requester accepted for its storage sub-operations. ``destination`` (C-MOVE) is the
+    requester's local node that receives the instances, and ``message_id`` the Message ID
+    of the requester's C-MOVE or C-GET: the retrieved transfers carry both back, so the
+    requester can deliver them with Move Originator set even after a restart.
     """
 
     query_id: str
@@ -127,10 +130,14 @@ class Query:
     model: InformationModel | None = None
     identifier: bytes | None = None
     accepted: tuple[tuple[str, str], ...] = ()
+    destination: str | None = None
+    message_id: int | None = None
 
     def to_document(self) -> dict[str, Any]:
         return {
             "type": QUERY,
+            "destination": self.destination,
+            "message_id": self.message_id,
             "query_id": self.query_id,
             "operation": self.operation,
             "node": self.node,
@@ -159,6 +166,11 @@ class Query:
                 for pair in document.get("accepted") or ()
                 if isinstance(pair, list) and len(pair) == 2
             )
+            message_id = document.get("message_id")
+            if message_id is not None and (
+                type(message_id) is not int or not 0 <= message_id <= 0xFFFF
+            ):
+                raise TypeError("message_id malformed")
             strings = {
                 key: document[key] for key in ("node", "calling_ae_title", "called_ae_title")
             }
@@ -174,6 +186,8 @@ class Query:
                 model=model,
                 identifier=_unb64(document.get("identifier")),
                 accepted=accepted,
+                destination=_optional_str(document.get("destination"), "destination"),
+                message_id=message_id,
             )
         except (KeyError, TypeError, ValueError, binascii.Error) as exc:
             raise IntegrityError("query field missing or malformed") from exc

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -54,7 +55,13 @@ class StoreClient(Protocol):
     """What delivery needs of an SCU (blocking calls): store one file, say how it went;
     say whether the node already holds it (None: cannot say)."""
 
-    def store(self, path: Path) -> StoreOutcome: ...
+    def store(
+        self,
+        path: Path,
+        *,
+        move_originator_ae_title: str | None = None,
+        move_originator_message_id: int | None = None,
+    ) -> StoreOutcome: ...
 
     def holds(self, path: Path) -> bool | None: ...
 
@@ -65,6 +72,8 @@ def storing_mark(incoming: IncomingTransfer) -> Path:
 
 
 ReceiptSender = Callable[[str, Receipt], Awaitable[None]]
+# Told of every delivery's outcome (a retrieve counts its sub-operations from it).
+OutcomeObserver = Callable[[IncomingTransfer, Receipt], None]
 
 
 class Deliverer:
@@ -78,7 +87,9 @@ class Deliverer:
         send_receipt: ReceiptSender,
         quarantine: Path,
         settings: DeliverySection,
+        observe: OutcomeObserver | None = None,
     ) -> None:
+        self._observe = observe
         self._nodes = local_nodes
         self._clients = clients
         self._send_receipt = send_receipt
@@ -212,7 +223,17 @@ class Deliverer:
         # No fsync: the mark must survive the gateway's death, not the machine's (after a
         # power loss the instance is stored again, at least once).
         mark.touch()
-        outcome = await asyncio.to_thread(client.store, incoming.path)
+        meta = incoming.meta
+        originator = meta.get("move_originator_ae_title")
+        message_id = meta.get("move_originator_message_id")
+        outcome = await asyncio.to_thread(
+            functools.partial(
+                client.store,
+                incoming.path,
+                move_originator_ae_title=originator if isinstance(originator, str) else None,
+                move_originator_message_id=message_id if isinstance(message_id, int) else None,
+            )
+        )
         if outcome.from_peer:
             mark.unlink(missing_ok=True)  # the node answered: no doubt left
         return outcome
@@ -257,4 +278,6 @@ class Deliverer:
             status=status,
             error_comment=comment,
         )
+        if self._observe is not None:
+            self._observe(incoming, receipt)
         await self._send_receipt(incoming.sender_site, receipt)

@@ -101,6 +101,7 @@ class Gateway:
             send_receipt=self._send_receipt,
             quarantine=root / "quarantine",
             settings=config.delivery,
+            observe=self._on_delivered,
         )
         self.unsent_receipts = UnsentReceipts(root / "receipts")
         self._receipt_queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
@@ -119,6 +120,8 @@ class Gateway:
             routes=config.routes,
             publish=self._publish_control,
             timeout_s=config.query.timeout_s,
+            retrieve_timeout_s=config.query.retrieve_timeout_s,
+            local_nodes=config.local_nodes,
             deep_echo=config.query.deep_echo,
         )
         self.responder = Responder(
@@ -164,14 +167,23 @@ class Gateway:
         """
         config = self.site.config
         route = config.route(instance.called_ae_title)
-        if route is None:
-            # The gateway's own AE title: it relays nothing, Verification only.
-            return StoreOutcome(
-                STATUS_SOP_CLASS_NOT_SUPPORTED,
-                f"{instance.called_ae_title} relays nothing; send to a route's AE title",
+        retrieved = None
+        if route is not None:
+            to_site, extra = route.site, {"node": route.node}
+        else:
+            # The gateway's own AE title: only a local PACS's sub-operations of a retrieve
+            # that another site asked for (C-MOVE to this gateway itself).
+            retrieved = self.responder.retrieved(
+                instance.called_ae_title, instance.move_originator_message_id
             )
+            if retrieved is None:
+                return StoreOutcome(
+                    STATUS_SOP_CLASS_NOT_SUPPORTED,
+                    f"{instance.called_ae_title} relays nothing; send to a route's AE title",
+                )
+            to_site, extra = retrieved.to_site, retrieved.meta
         meta = {
-            "node": route.node,
+            **extra,
             "sop_class_uid": instance.sop_class_uid,
             "sop_instance_uid": instance.sop_instance_uid,
             "transfer_syntax_uid": instance.transfer_syntax,
@@ -184,9 +196,10 @@ class Gateway:
                 instance.path,
                 sender=self.site.sender,
                 directory=self.site.directory,
-                site=route.site,
+                site=to_site,
                 fragment_size=config.transfer.fragment_size_bytes,
                 meta=meta,
+                retrieve=None if retrieved is None else str(retrieved.meta["retrieve"]),
             )
         )
         try:
@@ -209,10 +222,12 @@ class Gateway:
             )
         if sealed.plaintext_sha256 is not None:
             self.received_sha256[sealed.transfer_id_hex] = sealed.plaintext_sha256.hex()
+        if retrieved is not None:
+            retrieved.running.transfers += 1
         self._publish_queue.put_nowait(sealed.transfer_id_hex)
         log.info(
             "instance admitted to outbox",
-            extra={"transfer_id": sealed.transfer_id_hex, "to_site": route.site},
+            extra={"transfer_id": sealed.transfer_id_hex, "to_site": to_site},
         )
         return StoreOutcome(STATUS_SUCCESS, None)
 
@@ -272,6 +287,10 @@ class Gateway:
 
     async def _on_incoming(self, incoming: IncomingTransfer) -> None:
         self.deliverer.submit(incoming)
+
+    def _on_delivered(self, incoming: IncomingTransfer, receipt: Receipt) -> None:
+        if "retrieve" in incoming.meta:
+            self.requester.on_delivered(incoming, receipt)
 
     async def _rescan_incoming(self) -> None:
         """Pick up what `dicombridge quarantine retry` put back into incoming/."""

@@ -97,8 +97,14 @@ class Outbox:
         site: str,
         fragment_size: int,
         meta: dict[str, Any],
+        retrieve: str | None = None,
     ) -> SealedTransfer:
-        """Seal ``source`` for ``site`` into the outbox, durably; raise if a cap is reached."""
+        """Seal ``source`` for ``site`` into the outbox, durably; raise if a cap is reached.
+
+        ``retrieve`` marks an instance sent back for another site's retrieve (its query id,
+        opaque): any final receipt ends such an entry, since the instance is still in the
+        PACS here and the retrieve is over.
+        """
         size = source.stat().st_size
         estimate = size + sealed_fragment_bytes(0) * (size // fragment_size + 1) + 4096
         with self._lock:
@@ -115,7 +121,9 @@ class Outbox:
             self._reserved_count += 1
         try:
             recipient = self._recipient(directory, site)
-            state = {"created_at": utc_now().isoformat(), "attempts": 0}
+            state: dict[str, Any] = {"created_at": utc_now().isoformat(), "attempts": 0}
+            if retrieve is not None:
+                state["retrieve"] = retrieve
             sealed = seal_file(
                 source,
                 self.root,
@@ -208,7 +216,8 @@ class Outbox:
             self._sizes.pop(transfer_id_hex, None)
 
     def record_receipt(self, receipt: Receipt, *, from_site: str) -> OutboxEntry | None:
-        """Apply a receipt: a stored one removes the entry, a failed one is kept with it.
+        """Apply a receipt: a stored one removes the entry, a failed one is kept with it
+        (unless the entry was sent back for a retrieve: then it goes too).
 
         A receipt from a site other than the transfer's recipient is ignored.
         """
@@ -216,7 +225,7 @@ class Outbox:
         entry = self.get(transfer_id_hex)
         if entry is None or entry.site != from_site:
             return None
-        if receipt.outcome == "stored":
+        if receipt.outcome == "stored" or "retrieve" in entry.state:
             shutil.rmtree(entry.transfer.path, ignore_errors=True)
             with self._lock:
                 self._sizes.pop(transfer_id_hex, None)

@@ -146,7 +146,7 @@ class FindHandler:
                 LOGGER.info("C-FIND %s cancelled after %d matches", session.query_id, matches)
                 yield STATUS_CANCEL, None
                 return
-            response = session.next(_POLL_S)
+            response = session.next_response(_POLL_S)
             if response is None:
                 waited_s += _POLL_S
                 if waited_s >= session.timeout_s:

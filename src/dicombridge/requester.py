@@ -25,16 +25,18 @@ from typing import Any, Final
 
 from pydicom.dataset import Dataset
 
-from dicombridge.config import RouteEntry
+from dicombridge.config import LocalNode, RouteEntry
 from dicombridge.control import (
     Cancel,
     InformationModel,
     Operation,
     Query,
     QueryResponse,
+    Receipt,
 )
 from dicombridge.envelope import new_id
 from dicombridge.errors import BridgeError
+from dicombridge.spool import IncomingTransfer
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +61,33 @@ class ScpRequest:
     model: InformationModel | None = None
     identifier: bytes | None = None
     accepted: tuple[tuple[str, str], ...] = ()
+    destination: str | None = None  # C-MOVE: the local node's name
+    message_id: int | None = None  # the requester's C-MOVE/C-GET Message ID
+
+
+@dataclass(frozen=True)
+class SubOperation:
+    """A retrieved instance's outcome here: stored in the move destination (or sent on the
+    C-GET association), or failed, with the status."""
+
+    sop_instance_uid: str
+    status: int
+    stored: bool
 
 
 class QuerySession:
-    """The responses to one query, in order, for the thread that answers the requester."""
+    """The responses to one query, in order, for the thread that answers the requester;
+    for a retrieve also the outcomes of its sub-operations here."""
 
-    def __init__(self, query_id: str, to_site: str | None, timeout_s: float) -> None:
+    def __init__(
+        self, query_id: str, to_site: str | None, timeout_s: float, *, retrieve: bool = False
+    ) -> None:
         self.query_id = query_id
         self.to_site = to_site
         self.timeout_s = timeout_s
+        self.retrieve = retrieve
         self.started = time.monotonic()
-        self._queue: queue.Queue[QueryResponse] = queue.Queue()
+        self._queue: queue.Queue[QueryResponse | SubOperation] = queue.Queue()
         self._next_seq = 0
         self._held: dict[int, QueryResponse] = {}
         self.finished = False
@@ -102,12 +120,22 @@ class QuerySession:
             )
         )
 
-    def next(self, timeout_s: float) -> QueryResponse | None:
-        """The next response, waiting up to ``timeout_s`` (None: nothing came)."""
+    def sub_operation(self, result: SubOperation) -> None:
+        self._queue.put(result)
+
+    def next(self, timeout_s: float) -> QueryResponse | SubOperation | None:
+        """The next response or sub-operation outcome, waiting up to ``timeout_s`` (None:
+        nothing came)."""
         try:
             return self._queue.get(timeout=timeout_s)
         except queue.Empty:
             return None
+
+    def next_response(self, timeout_s: float) -> QueryResponse | None:
+        """The next response (queries other than retrieves have only responses)."""
+        item = self.next(timeout_s)
+        assert not isinstance(item, SubOperation), "a retrieve session read as a query"
+        return item
 
 
 class Requester:
@@ -119,10 +147,14 @@ class Requester:
         routes: list[RouteEntry],
         publish: Publish,
         timeout_s: float,
+        retrieve_timeout_s: float = 600.0,
+        local_nodes: list[LocalNode] | None = None,
         deep_echo: bool = True,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self._routes = {route.ae_title: route for route in routes}
+        self._nodes_by_ae = {node.ae_title: node for node in local_nodes or []}
+        self.retrieve_timeout_s = retrieve_timeout_s
         self._publish = publish
         self.timeout_s = timeout_s
         self.deep_echo_enabled = deep_echo
@@ -148,6 +180,10 @@ class Requester:
     def route(self, called_ae_title: str) -> RouteEntry | None:
         return self._routes.get(called_ae_title.strip())
 
+    def local_node(self, ae_title: str) -> LocalNode | None:
+        """The local node a C-MOVE names as its Move Destination (by AE title)."""
+        return self._nodes_by_ae.get(ae_title.strip())
+
     async def start(self, request: ScpRequest) -> QuerySession:
         """Send ``request`` to the site behind its called AE title; return its session.
 
@@ -156,7 +192,13 @@ class Requester:
         """
         query_id = new_id().hex()
         route = self.route(request.called_ae_title)
-        session = QuerySession(query_id, route.site if route else None, self.timeout_s)
+        retrieve = request.operation in ("move", "get")
+        session = QuerySession(
+            query_id,
+            route.site if route else None,
+            self.retrieve_timeout_s if retrieve else self.timeout_s,
+            retrieve=retrieve,
+        )
         if route is None:
             session.fail(STATUS_UNABLE_TO_PROCESS, "no remote site behind this AE title")
             return session
@@ -170,6 +212,8 @@ class Requester:
             model=request.model,
             identifier=request.identifier,
             accepted=request.accepted,
+            destination=request.destination,
+            message_id=request.message_id,
         )
         self._sessions[query_id] = session
         try:
@@ -210,7 +254,7 @@ class Requester:
             return None
         sent_at = time.time()
         session = await self.start(ScpRequest("echo", called_ae_title, calling_ae_title))
-        response = await asyncio.to_thread(session.next, self.timeout_s)
+        response = await asyncio.to_thread(session.next_response, self.timeout_s)
         received_at = time.time()
         if response is None:
             await self.cancel(session, reason="timed out")
@@ -246,8 +290,21 @@ class Requester:
                 extra={"query_id": response.query_id, "from_site": from_site},
             )
             return
-        if session.deliver(response):
+        if session.deliver(response) and not session.retrieve:
             self._sessions.pop(response.query_id, None)
+
+    def close(self, session: QuerySession) -> None:
+        """A retrieve is over here: later sub-operation outcomes are not its concern."""
+        self._sessions.pop(session.query_id, None)
+
+    def on_delivered(self, incoming: IncomingTransfer, receipt: Receipt) -> None:
+        """A retrieved instance was stored in its move destination, or failed (on the loop)."""
+        query_id = incoming.meta.get("retrieve")
+        session = self._sessions.get(query_id) if isinstance(query_id, str) else None
+        if session is None or session.to_site != incoming.sender_site:
+            return
+        uid = str(incoming.meta.get("sop_instance_uid", ""))
+        session.sub_operation(SubOperation(uid, receipt.status, receipt.outcome == "stored"))
 
     @property
     def open_sessions(self) -> int:

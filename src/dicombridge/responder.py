@@ -17,21 +17,23 @@ slows the query instead of piling matches up in memory.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
 from pydicom.dataset import Dataset
 
 from dicombridge.config import LocalNode
-from dicombridge.control import Cancel, Query, QueryResponse
+from dicombridge.control import Cancel, Query, QueryResponse, SubOperations
 from dicombridge.envelope import control_age
 from dicombridge.errors import BridgeError
 from dicombridge.qr_scp import from_explicit_little
-from dicombridge.qr_scu import Model, QueryOutcome, QuerySCU
+from dicombridge.qr_scu import Counts, Model, QueryOutcome, QuerySCU
 from dicombridge.query_policy import RemoteAccessPolicy
 
 log = logging.getLogger(__name__)
@@ -45,13 +47,26 @@ Publish = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 
 class _Running:
-    """One query being answered: its cancel flag and next response number."""
+    """One query being answered: its cancel flag and next response number; for a
+    retrieve, the Message ID of the C-MOVE sent to the PACS and the transfers sent back."""
 
     def __init__(self, from_site: str, query: Query) -> None:
         self.from_site = from_site
         self.query = query
         self.cancelled = threading.Event()
         self.seq = 0
+        self.message_id: int | None = None
+        self.transfers = 0
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    """Where an instance a PACS sent for a running retrieve goes: to the requesting site,
+    with this meta in its sealed transfer."""
+
+    to_site: str
+    meta: dict[str, Any]
+    running: _Running
 
 
 class Responder:
@@ -72,6 +87,10 @@ class Responder:
         self._publish = publish
         self._dimse_timeout_s = dimse_timeout_s
         self._running: dict[tuple[str, str], _Running] = {}
+        # Retrieves under way, by the Message ID of their C-MOVE to the PACS: the PACS's
+        # C-STOREs name it as their Move Originator Message ID.
+        self._moves: dict[int, _Running] = {}
+        self._next_message_id = 0
         self._tasks: set[asyncio.Task[None]] = set()
         # Responses the broker confirmed, over the gateway's life (a figure for tests).
         self.responses_sent = 0
@@ -105,6 +124,23 @@ class Responder:
                 "query cancelled by its requester",
                 extra={"query_id": cancel.query_id, "from_site": from_site},
             )
+
+    def retrieved(self, ae_title: str, message_id: int | None) -> Retrieved | None:
+        """The retrieve a C-STORE to this gateway's own AE title belongs to, if any."""
+        running = self._moves.get(message_id) if message_id is not None else None
+        if running is None or ae_title != self._calling_ae_title:
+            return None
+        query = running.query
+        meta = {
+            "retrieve": query.query_id,
+            "operation": query.operation,
+            "node": query.destination,
+            "move_originator_ae_title": query.calling_ae_title
+            if query.operation == "move"
+            else None,
+            "move_originator_message_id": query.message_id if query.operation == "move" else None,
+        }
+        return Retrieved(running.from_site, meta, running)
 
     async def close(self) -> None:
         for running in self._running.values():
@@ -162,6 +198,9 @@ class Responder:
         if query.operation == "find" and query.model is not None and query.identifier:
             outcome = await self._find(running, scu, query.model, query.identifier)
             return self._outcome_response(running, outcome)
+        if query.operation in ("move", "get") and query.model is not None and query.identifier:
+            outcome = await self._move(running, scu, query.model, query.identifier)
+            return self._outcome_response(running, outcome)
         return self._response(
             running,
             STATUS_UNABLE_TO_PROCESS,
@@ -190,14 +229,54 @@ class Responder:
             max_matches=cap,
         )
 
+    async def _move(
+        self, running: _Running, scu: QuerySCU, model: str, identifier: bytes
+    ) -> QueryOutcome:
+        """C-MOVE from the PACS to this gateway itself; each instance it sends is sealed
+        back to the requester as a transfer (``retrieved``); progress goes back as it comes.
+        """
+        loop = asyncio.get_running_loop()
+        self._next_message_id = self._next_message_id % 0xFFFF + 1
+        while self._next_message_id in self._moves:
+            self._next_message_id = self._next_message_id % 0xFFFF + 1
+        running.message_id = self._next_message_id
+        self._moves[running.message_id] = running
+
+        def on_progress(counts: Counts) -> None:  # in the SCU's thread
+            response = self._response(
+                running, STATUS_PENDING, final=False, counts=_sub_operations(counts)
+            )
+            sent = asyncio.run_coroutine_threadsafe(self._send(running, response), loop)
+            if not sent.result():
+                running.cancelled.set()
+
+        try:
+            return await asyncio.to_thread(
+                scu.move,
+                Model(model),
+                identifier,
+                destination_ae=self._calling_ae_title,
+                on_progress=on_progress,
+                cancelled=running.cancelled,
+                message_id=running.message_id,
+            )
+        finally:
+            self._moves.pop(running.message_id, None)
+
     def _outcome_response(self, running: _Running, outcome: QueryOutcome) -> QueryResponse:
-        return self._response(
+        counts = None if outcome.counts is None else _sub_operations(outcome.counts)
+        response = self._response(
             running,
             outcome.status,
             final=True,
             comment=outcome.error_comment,
             failed=outcome.failed_sop_instance_uids,
+            counts=counts,
         )
+        if running.query.operation in ("move", "get"):
+            # The requester waits for exactly these transfers before its final response.
+            return dataclasses.replace(response, detail={"transfers": running.transfers})
+        return response
 
     def _response(
         self,
@@ -208,6 +287,7 @@ class Responder:
         identifier: bytes | None = None,
         comment: str | None = None,
         failed: tuple[str, ...] = (),
+        counts: SubOperations | None = None,
     ) -> QueryResponse:
         response = QueryResponse(
             query_id=running.query.query_id,
@@ -217,6 +297,7 @@ class Responder:
             identifier=identifier,
             error_comment=None if comment is None else comment[:64],
             failed_sop_instance_uids=failed,
+            counts=counts,
             clock=time.time(),
         )
         running.seq += 1
@@ -234,6 +315,10 @@ class Responder:
             return False
         self.responses_sent += 1
         return True
+
+
+def _sub_operations(counts: Counts) -> SubOperations:
+    return SubOperations(counts.remaining, counts.completed, counts.failed, counts.warning)
 
 
 def _identifier(query: Query) -> Dataset | None:

@@ -67,10 +67,21 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import EventHandlerType
 from pynetdicom.pdu_primitives import P_DATA
 
-from dicombridge.acceptance import SERVER_AE_TITLE, AcceptancePolicy, AssociationGate
+from dicombridge.acceptance import (
+    SERVER_AE_TITLE,
+    AcceptancePolicy,
+    AssociationGate,
+    use_service_class,
+)
 from dicombridge.durable import free_bytes, is_disk_full
 from dicombridge.errors import DicomServiceError
-from dicombridge.qr_scp import FIND_MODELS, FindHandler, QueryBridge, deep_echo, status_dataset
+from dicombridge.qr_scp import FIND_MODELS, FindHandler, deep_echo, status_dataset
+from dicombridge.retrieve_scp import (
+    MOVE_MODELS,
+    RelayedRetrieveService,
+    RetrieveBridge,
+    RetrieveHandler,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -162,6 +173,9 @@ class ReceivedInstance:
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax: str
+    # Set by a C-MOVE's sub-operations (PS3.7 9.1.1): who asked, with which Message ID.
+    move_originator_ae_title: str | None = None
+    move_originator_message_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -435,7 +449,7 @@ class StorageSCP:
         policy: AcceptancePolicy,
         on_store: StoreCallback,
         settings: ScpSettings | None = None,
-        queries: QueryBridge | None = None,
+        queries: RetrieveBridge | None = None,
     ) -> None:
         self.settings = settings or ScpSettings()
         self._on_store = on_store
@@ -494,9 +508,11 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_c_store),
         ]
         if self._queries is not None:
-            for find_sop_class in FIND_MODELS:
-                ae.add_supported_context(find_sop_class, list(TRANSFER_SYNTAXES[:3]))
+            for qr_sop_class in (*FIND_MODELS, *MOVE_MODELS):
+                ae.add_supported_context(qr_sop_class, list(TRANSFER_SYNTAXES[:3]))
             handlers.append((evt.EVT_C_FIND, FindHandler(self._queries)))
+            use_service_class(MOVE_MODELS, RelayedRetrieveService)
+            ae.dicombridge_retrieve = RetrieveHandler(self._queries)  # type: ignore[attr-defined]
         try:
             self._server = ae.start_server(
                 (settings.host, settings.port),
@@ -641,6 +657,8 @@ class StorageSCP:
             sop_class_uid=sop_class_uid,
             sop_instance_uid=sop_instance_uid,
             transfer_syntax=transfer_syntax,
+            move_originator_ae_title=_optional_text(request.MoveOriginatorApplicationEntityTitle),
+            move_originator_message_id=request.MoveOriginatorMessageID,
         )
         return self._hand_over(instance)
 
@@ -693,6 +711,13 @@ def _prepare_receive_dir(directory: Path) -> None:
     for leftover in directory.glob(f"{RECEIVE_PREFIX}*.dcm"):
         with contextlib.suppress(FileNotFoundError):
             leftover.unlink()
+
+
+def _optional_text(value: object) -> str | None:
+    if value is None:
+        return None
+    text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+    return text.strip() or None
 
 
 def _called(event: evt.Event) -> str:
