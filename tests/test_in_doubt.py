@@ -126,3 +126,46 @@ async def test_instance_in_doubt_already_stored_is_not_stored_again(
     assert [r.outcome for r in receipts] == ["stored"] * 3
     assert deliverer.in_doubt_found == 1
     assert not list((root / "incoming").iterdir()), "delivered files, sidecars and marks go"
+
+
+class _Killed(BaseException):
+    """Stands for the gateway dying at a given point (nothing after it runs)."""
+
+
+async def test_death_after_the_pacs_answered_success_does_not_store_twice(
+    pacs: OrthancServer, tmp_path: Path
+) -> None:
+    """The PACS answered success, then the gateway died before the file left incoming/
+    (while hashing it or recording the receipt): the restarted gateway finds the mark,
+    asks the PACS, and sends the receipt without a second C-STORE."""
+    root = tmp_path / "var"
+    (root / "incoming").mkdir(parents=True)
+    (path,) = ct_series(root / "incoming", 1, rows=16, columns=16)
+    uid = sop_instance_uid(path)
+    incoming = incoming_for(path, "ab" * 16)
+
+    async def die(site: str, receipt: Receipt) -> None:
+        raise _Killed
+
+    scu = StoreSCU(node_of(pacs), calling_ae_title=GATEWAY_AE)
+    dying = Deliverer(
+        local_nodes={"PACS": node_of(pacs)},
+        clients=lambda node: scu,
+        send_receipt=die,
+        quarantine=root / "quarantine",
+        settings=DeliverySection(),
+    )
+    try:
+        with pytest.raises(_Killed):
+            await dying._deliver(incoming)
+    finally:
+        await asyncio.to_thread(scu.close)
+    assert pacs.received().count(uid) == 1
+    assert storing_mark(incoming).exists(), "the success did not clear the doubt before removal"
+
+    deliverer, receipts = await deliver_all(pacs, root, [incoming])
+
+    assert pacs.received().count(uid) == 1
+    assert deliverer.in_doubt_found == 1
+    assert [r.outcome for r in receipts] == ["stored"]
+    assert not list((root / "incoming").iterdir())

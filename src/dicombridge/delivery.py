@@ -234,8 +234,10 @@ class Deliverer:
                 move_originator_message_id=message_id if isinstance(message_id, int) else None,
             )
         )
-        if outcome.from_peer:
-            mark.unlink(missing_ok=True)  # the node answered: no doubt left
+        if outcome.from_peer and not outcome.is_stored:
+            mark.unlink(missing_ok=True)  # the node answered it does not hold it
+        # Stored: the mark stays until the file leaves incoming/ (``_remove``). A crash in
+        # between (hashing, the receipt) finds the mark, asks the node, and sends nothing.
         return outcome
 
     @staticmethod
