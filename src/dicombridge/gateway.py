@@ -123,6 +123,7 @@ class Gateway:
             retrieve_timeout_s=config.query.retrieve_timeout_s,
             local_nodes=config.local_nodes,
             deep_echo=config.query.deep_echo,
+            finish=self._finish_retrieved,
         )
         self.responder = Responder(
             local_nodes={n.name: n for n in config.local_nodes},
@@ -286,7 +287,19 @@ class Gateway:
     # --- receiving side -------------------------------------------------------------
 
     async def _on_incoming(self, incoming: IncomingTransfer) -> None:
-        self.deliverer.submit(incoming)
+        await self._submit(incoming)
+
+    async def _submit(self, incoming: IncomingTransfer) -> None:
+        """To the local node (delivery), or, for a C-GET, to the requester's association."""
+        if incoming.meta.get("operation") == "get":
+            await self.requester.on_retrieved(incoming)
+        else:
+            self.deliverer.submit(incoming)
+
+    async def _finish_retrieved(self, incoming: IncomingTransfer, receipt: Receipt) -> None:
+        """A C-GET instance was sent back (or not): receipt to its sender, file gone."""
+        await self._send_receipt(incoming.sender_site, receipt)
+        await asyncio.to_thread(incoming.remove)
 
     def _on_delivered(self, incoming: IncomingTransfer, receipt: Receipt) -> None:
         if "retrieve" in incoming.meta:
@@ -297,7 +310,7 @@ class Gateway:
         while True:
             await asyncio.sleep(INCOMING_RESCAN_S)
             for incoming in await asyncio.to_thread(self.receiver.pending):
-                self.deliverer.submit(incoming)
+                await self._submit(incoming)
 
     async def _on_resent(self, to_site: str, transfer_id: bytes, document: dict[str, Any]) -> None:
         """A transfer already done arrived again: its sender lacks a final receipt.
@@ -456,7 +469,7 @@ class Gateway:
                 self._publish_queue.put_nowait(entry.transfer.transfer_id_hex)
         await asyncio.to_thread(self.receiver.recover)
         for incoming in self.receiver.pending():
-            self.deliverer.submit(incoming)
+            await self._submit(incoming)
         async with StorageSCP(
             policy=self.acceptance_policy(),
             on_store=self.on_instance,

@@ -49,6 +49,8 @@ STATUS_PROCESSING_FAILURE: Final = 0x0110
 MAX_HELD_RESPONSES: Final = 1024
 
 Publish = Callable[[str, dict[str, Any]], Awaitable[None]]
+# Ends a C-GET instance here: its receipt to the sender, the file out of incoming/.
+Finish = Callable[[IncomingTransfer, Receipt], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,14 @@ class ScpRequest:
     accepted: tuple[tuple[str, str], ...] = ()
     destination: str | None = None  # C-MOVE: the local node's name
     message_id: int | None = None  # the requester's C-MOVE/C-GET Message ID
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    """An instance of a C-GET, verified and waiting in incoming/ to be sent on the
+    requester's association."""
+
+    incoming: IncomingTransfer
 
 
 @dataclass(frozen=True)
@@ -87,7 +97,7 @@ class QuerySession:
         self.timeout_s = timeout_s
         self.retrieve = retrieve
         self.started = time.monotonic()
-        self._queue: queue.Queue[QueryResponse | SubOperation] = queue.Queue()
+        self._queue: queue.Queue[QueryResponse | SubOperation | Retrieved] = queue.Queue()
         self._next_seq = 0
         self._held: dict[int, QueryResponse] = {}
         self.finished = False
@@ -120,10 +130,10 @@ class QuerySession:
             )
         )
 
-    def sub_operation(self, result: SubOperation) -> None:
+    def sub_operation(self, result: SubOperation | Retrieved) -> None:
         self._queue.put(result)
 
-    def next(self, timeout_s: float) -> QueryResponse | SubOperation | None:
+    def next(self, timeout_s: float) -> QueryResponse | SubOperation | Retrieved | None:
         """The next response or sub-operation outcome, waiting up to ``timeout_s`` (None:
         nothing came)."""
         try:
@@ -134,7 +144,7 @@ class QuerySession:
     def next_response(self, timeout_s: float) -> QueryResponse | None:
         """The next response (queries other than retrieves have only responses)."""
         item = self.next(timeout_s)
-        assert not isinstance(item, SubOperation), "a retrieve session read as a query"
+        assert not isinstance(item, SubOperation | Retrieved), "a retrieve read as a query"
         return item
 
 
@@ -151,7 +161,11 @@ class Requester:
         local_nodes: list[LocalNode] | None = None,
         deep_echo: bool = True,
         loop: asyncio.AbstractEventLoop | None = None,
+        finish: Finish | None = None,
     ) -> None:
+        self._finish = finish
+        # C-GET instances handed to a session and not yet finished (rescans see them).
+        self._handed: set[bytes] = set()
         self._routes = {route.ae_title: route for route in routes}
         self._nodes_by_ae = {node.ae_title: node for node in local_nodes or []}
         self.retrieve_timeout_s = retrieve_timeout_s
@@ -296,6 +310,39 @@ class Requester:
     def close(self, session: QuerySession) -> None:
         """A retrieve is over here: later sub-operation outcomes are not its concern."""
         self._sessions.pop(session.query_id, None)
+
+    async def on_retrieved(self, incoming: IncomingTransfer) -> None:
+        """A C-GET instance arrived (on the loop): to its session's association, or, if
+        the requester stopped waiting, back to the sender as failed."""
+        if incoming.transfer_id in self._handed:
+            return
+        query_id = incoming.meta.get("retrieve")
+        session = self._sessions.get(query_id) if isinstance(query_id, str) else None
+        if session is not None and session.to_site == incoming.sender_site:
+            self._handed.add(incoming.transfer_id)
+            session.sub_operation(Retrieved(incoming))
+            return
+        log.info(
+            "C-GET instance for no open retrieve dropped",
+            extra={"transfer_id": incoming.transfer_id.hex(), "from_site": incoming.sender_site},
+        )
+        await self.finished(
+            incoming, STATUS_UNABLE_TO_PROCESS, stored=False, comment="the C-GET is over"
+        )
+
+    async def finished(
+        self, incoming: IncomingTransfer, status: int, *, stored: bool, comment: str | None = None
+    ) -> None:
+        """A C-GET instance was sent on the requester's association (or not)."""
+        self._handed.discard(incoming.transfer_id)
+        receipt = Receipt(
+            transfer_id=incoming.transfer_id,
+            outcome="stored" if stored else "failed",
+            status=status,
+            error_comment=comment,
+        )
+        if self._finish is not None:
+            await self._finish(incoming, receipt)
 
     def on_delivered(self, incoming: IncomingTransfer, receipt: Receipt) -> None:
         """A retrieved instance was stored in its move destination, or failed (on the loop)."""

@@ -1,5 +1,6 @@
-"""The hospital-facing C-MOVE SCP: a retrieve from a route's AE title, answered by the
-route's remote site, the instances stored to a node here (PS3.4 C.4.2).
+"""The hospital-facing C-MOVE and C-GET SCP: a retrieve from a route's AE title, answered by
+the route's remote site, the instances stored to a node here (C-MOVE, PS3.4 C.4.2) or
+sent back on the requester's association (C-GET, PS3.4 C.4.3).
 
 pynetdicom's Query/Retrieve service class takes decoded Datasets for its sub-operations
 (re-encoding bytes, holding instances in memory) and needs their number up front. Here
@@ -21,7 +22,13 @@ with Move Originator AE Title and Message ID set, through the ordinary delivery 
 - nothing from the remote site for ``retrieve_timeout_s``: the remote retrieve is
   cancelled, and the final response counts what did not come as failed.
 
-``RelayedRetrieveService`` replaces pynetdicom's service class for the C-MOVE SOP classes
+C-GET is the same, except that each instance is C-STOREd by this module on the
+requester's own association, from the verified file, in the (SOP class, transfer syntax)
+pairs the requester accepted with the SCP role (PS3.7 D.3.3.4); an instance in a syntax
+no accepted context carries is counted as failed (0xA702 for it), never dropped silently.
+Its receipt goes back to the remote site either way.
+
+``RelayedRetrieveService`` replaces pynetdicom's service class for the C-MOVE and C-GET SOP classes
 of the associations of an AE that carries a ``RetrieveHandler`` (``acceptance`` installs
 the hook); any other AE in the process keeps pynetdicom's.
 """
@@ -36,13 +43,16 @@ from typing import Any, Final, Protocol, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from pynetdicom.dimse_primitives import C_MOVE
+from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.dsutils import encode
 from pynetdicom.service_class import QueryRetrieveServiceClass
 
+from dicombridge.acceptance import is_storage_like
 from dicombridge.control import InformationModel, QueryResponse
 from dicombridge.qr_scp import (
+    PATIENT_ROOT_GET,
     PATIENT_ROOT_MOVE,
+    STUDY_ROOT_GET,
     STUDY_ROOT_MOVE,
     QueryBridge,
     from_explicit_little,
@@ -51,6 +61,7 @@ from dicombridge.qr_scp import (
 from dicombridge.requester import (
     STATUS_CANCEL,
     QuerySession,
+    Retrieved,
     ScpRequest,
     SubOperation,
 )
@@ -60,6 +71,10 @@ LOGGER = logging.getLogger(__name__)
 MOVE_MODELS: Final[dict[str, InformationModel]] = {
     PATIENT_ROOT_MOVE: "patient",
     STUDY_ROOT_MOVE: "study",
+}
+GET_MODELS: Final[dict[str, InformationModel]] = {
+    PATIENT_ROOT_GET: "patient",
+    STUDY_ROOT_GET: "study",
 }
 STATUS_SUCCESS: Final = 0x0000
 STATUS_PENDING: Final = 0xFF00
@@ -80,6 +95,10 @@ class RetrieveBridge(QueryBridge, Protocol):
     def local_node(self, ae_title: str) -> Any: ...
 
     def close(self, session: QuerySession) -> None: ...
+
+    async def finished(
+        self, incoming: Any, status: int, *, stored: bool, comment: str | None = ...
+    ) -> None: ...
 
 
 @dataclass
@@ -138,32 +157,60 @@ class RetrieveHandler:
 
     def __init__(self, bridge: RetrieveBridge) -> None:
         self._bridge = bridge
+        self._message_id = 0  # of C-GET sub-operations (one association at a time each)
 
     def move(self, service: QueryRetrieveServiceClass, req: C_MOVE, context: Any) -> None:
         """Answer one C-MOVE on ``service``'s association (its thread); never raises."""
+        self._answer(service, req, context, "move")
+
+    def get(self, service: QueryRetrieveServiceClass, req: C_GET, context: Any) -> None:
+        """Answer one C-GET, its instances sent on the same association; never raises."""
+        self._answer(service, req, context, "get")
+
+    def _answer(
+        self, service: QueryRetrieveServiceClass, req: C_MOVE | C_GET, context: Any, operation: str
+    ) -> None:
         responder = _Responses(service, req, context)
         try:
-            self._move(service, req, context, responder)
+            self._retrieve(service, req, context, responder, operation)
         except Exception as exc:
-            LOGGER.error("C-MOVE failed in the gateway: %s", type(exc).__name__)
+            LOGGER.error("C-%s failed in the gateway: %s", operation.upper(), type(exc).__name__)
             responder.final(0xC000, _Tally(), comment="gateway error")
 
-    def _move(
-        self, service: QueryRetrieveServiceClass, req: C_MOVE, context: Any, out: _Responses
+    def _retrieve(
+        self,
+        service: QueryRetrieveServiceClass,
+        req: C_MOVE | C_GET,
+        context: Any,
+        out: _Responses,
+        operation: str,
     ) -> None:
         assoc = service.assoc
         called = str(assoc.acceptor.ae_title).strip()
         calling = str(assoc.requestor.ae_title).strip()
-        model = MOVE_MODELS.get(str(context.abstract_syntax))
+        models = MOVE_MODELS if operation == "move" else GET_MODELS
+        model = models.get(str(context.abstract_syntax))
         if model is None:
             out.final(0x0122, _Tally(), comment="SOP class not supported")
             return
-        destination = str(req.MoveDestination or "").strip()
-        node = self._bridge.local_node(destination)
-        if node is None:
-            LOGGER.warning("C-MOVE to unknown destination %r refused", destination)
-            out.final(STATUS_MOVE_DESTINATION_UNKNOWN, _Tally(), comment="move destination unknown")
-            return
+        node = None
+        accepted: tuple[tuple[str, str], ...] = ()
+        if isinstance(req, C_MOVE):
+            destination = str(req.MoveDestination or "").strip()
+            node = self._bridge.local_node(destination)
+            if node is None:
+                LOGGER.warning("C-MOVE to unknown destination %r refused", destination)
+                out.final(
+                    STATUS_MOVE_DESTINATION_UNKNOWN, _Tally(), comment="move destination unknown"
+                )
+                return
+        else:
+            # Where this association can carry C-STOREs back to the requester.
+            accepted = tuple(
+                (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                for cx in assoc.accepted_contexts
+                if cx.as_scu and is_storage_like(str(cx.abstract_syntax))
+            )
         raw = req.Identifier
         try:
             if raw is None:
@@ -183,12 +230,13 @@ class RetrieveHandler:
             )
             return
         request = ScpRequest(
-            "move",
+            "move" if node is not None else "get",
             called,
             calling,
             model,
             identifier,
-            destination=node.name,
+            accepted=accepted,
+            destination=None if node is None else node.name,
             message_id=int(req.MessageID or 0),
         )
         session: QuerySession = self._run(self._bridge.start(request))
@@ -200,7 +248,7 @@ class RetrieveHandler:
     def _follow(
         self,
         service: QueryRetrieveServiceClass,
-        req: C_MOVE,
+        req: C_MOVE | C_GET,
         session: QuerySession,
         out: _Responses,
     ) -> None:
@@ -222,6 +270,8 @@ class RetrieveHandler:
                     return
                 continue
             waited_s = 0.0
+            if isinstance(item, Retrieved):
+                item = self._send_back(service, item, session)
             if isinstance(item, SubOperation):
                 tally.add(item)
                 if not tally.finished:
@@ -233,6 +283,32 @@ class RetrieveHandler:
                 out.final(item.status, tally, comment=item.error_comment)
                 return
         out.final(_final_status(tally), tally)
+
+    def _send_back(
+        self, service: QueryRetrieveServiceClass, retrieved: Retrieved, session: QuerySession
+    ) -> SubOperation:
+        """C-STORE a C-GET instance on the requester's association, from its file."""
+        incoming = retrieved.incoming
+        uid = str(incoming.meta.get("sop_instance_uid", ""))
+        self._message_id = self._message_id % 0xFFFF + 1
+        status = 0x0122
+        comment: str | None = "no accepted presentation context for this instance"
+        try:
+            response = service.assoc.send_c_store(incoming.path, msg_id=self._message_id)
+            status = int(getattr(response, "Status", 0xC000))
+            comment = None
+        except ValueError:
+            LOGGER.warning(
+                "C-GET %s: instance %s not sent: no accepted context", session.query_id, uid
+            )
+        except Exception as exc:
+            LOGGER.warning(
+                "C-GET %s: instance %s not sent: %s", session.query_id, uid, type(exc).__name__
+            )
+            comment = "C-STORE sub-operation failed"
+        stored = status == 0x0000 or 0xB000 <= status <= 0xBFFF
+        self._run(self._bridge.finished(incoming, status, stored=stored, comment=comment))
+        return SubOperation(uid, status, stored)
 
     def _run(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self._bridge.loop).result(
@@ -258,7 +334,9 @@ def _final_status(tally: _Tally, *, timed_out: bool = False) -> int:
 class _Responses:
     """Sends C-MOVE responses on the association (PS3.4 C.4.2.1.4, PS3.7 9.1.4)."""
 
-    def __init__(self, service: QueryRetrieveServiceClass, req: C_MOVE, context: Any) -> None:
+    def __init__(
+        self, service: QueryRetrieveServiceClass, req: C_MOVE | C_GET, context: Any
+    ) -> None:
         self._service = service
         self._req = req
         self._context_id = cast(int, context.context_id)
@@ -267,8 +345,8 @@ class _Responses:
         self._little = syntax.is_little_endian
         self.sent_final = False
 
-    def _response(self, status: int, tally: _Tally, *, remaining: bool) -> C_MOVE:
-        rsp = C_MOVE()
+    def _response(self, status: int, tally: _Tally, *, remaining: bool) -> C_MOVE | C_GET:
+        rsp = C_MOVE() if isinstance(self._req, C_MOVE) else C_GET()
         rsp.MessageIDBeingRespondedTo = self._req.MessageID
         rsp.AffectedSOPClassUID = self._req.AffectedSOPClassUID
         rsp.Status = status
@@ -298,7 +376,8 @@ class _Responses:
             rsp.Identifier = io.BytesIO(encoded or b"")
         self._service.dimse.send_msg(rsp, self._context_id)
         LOGGER.info(
-            "C-MOVE answered: status 0x%04X, %d completed, %d failed, %d warning",
+            "C-%s answered: status 0x%04X, %d completed, %d failed, %d warning",
+            "MOVE" if isinstance(self._req, C_MOVE) else "GET",
             status,
             tally.completed,
             tally.failed + tally.remote_failed,
@@ -316,3 +395,10 @@ class RelayedRetrieveService(QueryRetrieveServiceClass):
             super()._move_scp(req, context)
             return
         handler.move(self, req, context)
+
+    def _get_scp(self, req: C_GET, context: Any) -> None:
+        handler = getattr(self.assoc.ae, "dicombridge_retrieve", None)
+        if not isinstance(handler, RetrieveHandler):
+            super()._get_scp(req, context)
+            return
+        handler.get(self, req, context)

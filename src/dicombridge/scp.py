@@ -77,6 +77,7 @@ from dicombridge.durable import free_bytes, is_disk_full
 from dicombridge.errors import DicomServiceError
 from dicombridge.qr_scp import FIND_MODELS, FindHandler, deep_echo, status_dataset
 from dicombridge.retrieve_scp import (
+    GET_MODELS,
     MOVE_MODELS,
     RelayedRetrieveService,
     RetrieveBridge,
@@ -508,10 +509,10 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_c_store),
         ]
         if self._queries is not None:
-            for qr_sop_class in (*FIND_MODELS, *MOVE_MODELS):
+            for qr_sop_class in (*FIND_MODELS, *MOVE_MODELS, *GET_MODELS):
                 ae.add_supported_context(qr_sop_class, list(TRANSFER_SYNTAXES[:3]))
             handlers.append((evt.EVT_C_FIND, FindHandler(self._queries)))
-            use_service_class(MOVE_MODELS, RelayedRetrieveService)
+            use_service_class([*MOVE_MODELS, *GET_MODELS], RelayedRetrieveService)
             ae.dicombridge_retrieve = RetrieveHandler(self._queries)  # type: ignore[attr-defined]
         try:
             self._server = ae.start_server(

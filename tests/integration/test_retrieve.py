@@ -15,6 +15,7 @@ from typing import Final
 
 import pydicom
 import pytest
+from pydicom.uid import generate_uid
 
 from dicombridge.config import LocalNode
 from dicombridge.management import ManagementClient
@@ -25,6 +26,8 @@ from tests.pacskit import (
     StoreSCPNode,
     dataset_bytes,
     dcmtk_env,
+    dcmtk_storescu,
+    fresh_copy,
     restricted_storescp_args,
     wait_for,
 )
@@ -57,6 +60,8 @@ class Archive:
     series: dict[str, list[str]]  # Series Instance UID -> its SOP Instance UIDs
     mixed_study: str  # a CT series and an MR series
     mixed_mr: list[str]  # the MR instances' SOP Instance UIDs
+    jpeg_study: str  # one JPEG Baseline instance
+    jpeg_uid: str
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +90,12 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
         )
         store(paths + ct + mr, port=pacs.dicom_port, called_ae=PACS_AE)
         mixed_mr = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in mr]
+        jpeg = fresh_copy("SC_rgb_jpeg_dcmtk.dcm", root)
+        jpeg_ds = pydicom.dcmread(jpeg)
+        jpeg_ds.StudyInstanceUID, jpeg_ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        jpeg_ds.save_as(jpeg, enforce_file_format=True)
+        sent = dcmtk_storescu(pacs.dicom_port, PACS_AE, jpeg)
+        assert sent.returncode == 0, sent.stderr
         files: dict[str, Path] = {}
         series: dict[str, list[str]] = {}
         study = ""
@@ -93,7 +104,17 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
             files[str(ds.SOPInstanceUID)] = path
             series.setdefault(str(ds.SeriesInstanceUID), []).append(str(ds.SOPInstanceUID))
             study = str(ds.StudyInstanceUID)
-        yield Archive(pacs, gateway_b_port, files, study, series, mixed_study, mixed_mr)
+        yield Archive(
+            pacs,
+            gateway_b_port,
+            files,
+            study,
+            series,
+            mixed_study,
+            mixed_mr,
+            str(jpeg_ds.StudyInstanceUID),
+            str(jpeg_ds.SOPInstanceUID),
+        )
     finally:
         pacs.stop()
 
@@ -335,3 +356,94 @@ async def test_remote_gateway_down_fails_the_retrieve_within_its_timeout(
     assert result.final_status == 0xA702, result.output
     assert f"{two.site_b} did not answer within 3 s" in result.output
     assert destination.associations() == 0
+
+
+def getscu(
+    port: int, outdir: Path, level: str, *, extra: tuple[str, ...] = (), **keys: str
+) -> MoveResult:
+    """DCMTK getscu: the instances come back on its own association into ``outdir``."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    arguments = [
+        f"{DCMTK_BIN}/getscu",
+        "-d",
+        "-aet",
+        WORKSTATION_AE,
+        "-aec",
+        ROUTE,
+        "-S",
+        "-od",
+        str(outdir),
+        *extra,
+        "-k",
+        f"QueryRetrieveLevel={level}",
+    ]
+    for keyword, value in keys.items():
+        arguments += ["-k", f"{keyword}={value}"]
+    result = subprocess.run(
+        [*arguments, "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        env=dcmtk_env(),
+        timeout=300,
+        check=False,
+    )
+    return MoveResult(result.stdout + result.stderr)
+
+
+async def test_get_returns_every_instance_on_the_requesters_association(
+    two: TwoSites, archive: Archive, tmp_path: Path
+) -> None:
+    """C-GET of a study and of one series: every instance comes back on getscu's own
+    association with the bytes B's Orthanc was given; counts right; B's outbox empties."""
+    first_series = next(iter(archive.series))
+    async with running_gateways(two.config_a, two.config_b) as (gateway_a, gateway_b):
+        study = await asyncio.to_thread(
+            getscu, two.port_a, tmp_path / "study", "STUDY", StudyInstanceUID=archive.study
+        )
+        series = await asyncio.to_thread(
+            getscu,
+            two.port_a,
+            tmp_path / "series",
+            "SERIES",
+            StudyInstanceUID=archive.study,
+            SeriesInstanceUID=first_series,
+        )
+        await asyncio.to_thread(
+            wait_for, lambda: not gateway_b.outbox.entries(), timeout_s=30, what="B's outbox"
+        )
+        assert gateway_a.requester.open_sessions == 0
+        assert gateway_a.deliverer.stored == 0  # nothing went to a local node
+    assert study.final_status == 0x0000, study.output
+    assert "Release Failed" not in study.output, study.output
+    assert study.count("Completed") == len(archive.files)
+    received = {
+        str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID): path
+        for path in (tmp_path / "study").iterdir()
+    }
+    assert set(received) == set(archive.files)
+    for uid, path in received.items():
+        assert dataset_bytes(path) == dataset_bytes(archive.files[uid]), uid
+    assert series.final_status == 0x0000, series.output
+    assert series.count("Completed") == len(archive.series[first_series])
+
+
+async def test_get_counts_an_instance_no_accepted_context_carries_as_failed(
+    two: TwoSites, archive: Archive, tmp_path: Path
+) -> None:
+    """getscu accepts uncompressed transfer syntaxes only; the instance is JPEG Baseline:
+    it cannot be sent on its association, so it is counted failed (0xA702, its UID in the
+    Failed SOP Instance UID List), not dropped silently, and B gets its receipt."""
+    async with running_gateways(two.config_a, two.config_b) as (_, gateway_b):
+        result = await asyncio.to_thread(
+            getscu, two.port_a, tmp_path / "jpeg", "STUDY", StudyInstanceUID=archive.jpeg_study
+        )
+        await asyncio.to_thread(
+            wait_for, lambda: not gateway_b.outbox.entries(), timeout_s=30, what="B's outbox"
+        )
+    assert result.final_status == 0xA702, result.output
+    assert result.count("Failed") == 1
+    # getscu does not print the final response's data set; that it has one (the Failed
+    # SOP Instance UID List) shows here, its content in the C-MOVE test.
+    assert re.search(r"Data Set\s*:\s*present\s*\n\D*DIMSE Status\s*:\s*0xa702", result.output)
+    assert not list((tmp_path / "jpeg").iterdir())
