@@ -52,6 +52,7 @@ demo: deps venv
 # Figures, never asserted in tests: printed and written to bench-results/.
 bench: deps venv
 	$(BIN)/python bench/transfer_core.py
+	$(BIN)/python bench/query_retrieve.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -199,28 +199,10 @@ class MoveResult:
         return int(found[-1]) if found else None
 
 
-def movescu(
-    port: int,
-    level: str,
-    *,
-    move_destination: str = DESTINATION_AE,
-    extra: tuple[str, ...] = (),
-    **keys: str,
-) -> MoveResult:
-    arguments = [
-        f"{DCMTK_BIN}/movescu",
-        "-d",
-        "-aet",
-        WORKSTATION_AE,
-        "-aec",
-        ROUTE,
-        "-aem",
-        move_destination,
-        "-S",
-        *extra,
-        "-k",
-        f"QueryRetrieveLevel={level}",
-    ]
+def retrieve(tool: str, port: int, level: str, options: tuple[str, ...], **keys: str) -> MoveResult:
+    """DCMTK ``movescu`` or ``getscu`` to the route's AE title at gateway A, Study Root."""
+    arguments = [f"{DCMTK_BIN}/{tool}", "-d", "-aet", WORKSTATION_AE, "-aec", ROUTE, "-S"]
+    arguments += [*options, "-k", f"QueryRetrieveLevel={level}"]
     for keyword, value in keys.items():
         arguments += ["-k", f"{keyword}={value}"]
     result = subprocess.run(
@@ -233,6 +215,17 @@ def movescu(
         check=False,
     )
     return MoveResult(result.stdout + result.stderr)
+
+
+def movescu(
+    port: int,
+    level: str,
+    *,
+    move_destination: str = DESTINATION_AE,
+    extra: tuple[str, ...] = (),
+    **keys: str,
+) -> MoveResult:
+    return retrieve("movescu", port, level, ("-aem", move_destination, *extra), **keys)
 
 
 def assert_delivered(destination: StoreSCPNode, archive: Archive, uids: list[str]) -> None:
@@ -363,32 +356,7 @@ def getscu(
 ) -> MoveResult:
     """DCMTK getscu: the instances come back on its own association into ``outdir``."""
     outdir.mkdir(parents=True, exist_ok=True)
-    arguments = [
-        f"{DCMTK_BIN}/getscu",
-        "-d",
-        "-aet",
-        WORKSTATION_AE,
-        "-aec",
-        ROUTE,
-        "-S",
-        "-od",
-        str(outdir),
-        *extra,
-        "-k",
-        f"QueryRetrieveLevel={level}",
-    ]
-    for keyword, value in keys.items():
-        arguments += ["-k", f"{keyword}={value}"]
-    result = subprocess.run(
-        [*arguments, "127.0.0.1", str(port)],
-        capture_output=True,
-        text=True,
-        errors="replace",
-        env=dcmtk_env(),
-        timeout=300,
-        check=False,
-    )
-    return MoveResult(result.stdout + result.stderr)
+    return retrieve("getscu", port, level, ("-od", str(outdir), *extra), **keys)
 
 
 async def test_get_returns_every_instance_on_the_requesters_association(
