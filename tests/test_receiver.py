@@ -81,3 +81,36 @@ async def test_restart_discards_spooled_messages_of_done_transfers(tmp_path: Pat
         await restarted.handle(Delivery(body, "hosp-a", "bulk", None, False))
     assert len(delivered) == 2
     assert _spooled(root) == []
+
+
+async def test_transfer_left_in_incoming_unmarked_is_not_handed_on_twice(tmp_path: Path) -> None:
+    """Stopped after assembling into incoming/ but before the done marker: the redelivered
+    messages find the transfer there, mark it done, empty the spool, and hand nothing on;
+    once delivery records its receipt, later copies are dropped and leave nothing."""
+    fed = make_federation()
+    delivered: list[IncomingTransfer] = []
+    root = tmp_path / "b"
+    receiver = _receiver(root, fed, delivered)
+    source = tmp_path / "src.bin"
+    source.write_bytes(os.urandom(3000))
+    bodies = messages(fed.seal(source, tmp_path / "outbox", fragment_size=1000))
+    for body in bodies:
+        await receiver.handle(Delivery(body, "hosp-a", "bulk", None, False))
+    (incoming,) = delivered
+    # As if stopped before the marker: no marker, the messages still spooled.
+    receiver._done_marker("hosp-a", incoming.transfer_id).unlink()
+    for body in bodies[:-1]:
+        receiver.spool.put("hosp-a", body)
+
+    restarted = _receiver(root, fed, delivered)
+    assert restarted.recover() == 0
+    assert restarted.pending() == [incoming]
+    await restarted.handle(Delivery(bodies[-1], "hosp-a", "bulk", None, True))
+    assert delivered == [incoming]  # handed on once only
+    assert _spooled(root) == []
+    # Delivery records its receipt; a copy arriving after that leaves nothing either.
+    restarted.record_receipt("hosp-a", incoming.transfer_id, {"outcome": "stored"})
+    receiver.spool.put("hosp-a", bodies[0])
+    await restarted.handle(Delivery(bodies[1], "hosp-a", "bulk", None, True))
+    assert _spooled(root) == []
+    assert delivered == [incoming]

@@ -369,6 +369,9 @@ class Receiver:
         if marker.exists():
             self.duplicates_dropped += 1
             log.info("duplicate dropped", extra={"transfer_id": header.id_hex})
+            # Messages spooled before the transfer was marked done (a redelivery after a
+            # stop that left the transfer in incoming/ unmarked) have nothing left to do.
+            await asyncio.to_thread(self.spool.discard, sender, header.message_id)
             # A re-sent transfer means the sender lacks our receipt: send it again, once
             # per re-send (on its manifest), not once per fragment.
             if header.kind is Kind.MANIFEST and self._on_duplicate is not None:
@@ -404,10 +407,20 @@ class Receiver:
     async def _assemble(self, sender: str, transfer_id: bytes) -> None:
         # Order matters for crash safety: the sidecar makes the file deliverable after a
         # restart, then the done marker makes redeliveries drop, then the spool goes.
+        marker = self._done_marker(sender, transfer_id)
+        sidecar = self._incoming_path(sender, transfer_id).with_suffix(".json")
+        if await asyncio.to_thread(sidecar.exists):
+            # Assembled already, then stopped before the marker: that copy is being (or
+            # will be) delivered; assembling again could deliver it twice.
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(write_durably, marker, utc_now().isoformat().encode())
+            await asyncio.to_thread(self.spool.discard, sender, transfer_id)
+            self.duplicates_dropped += 1
+            log.info("transfer already in incoming", extra={"transfer_id": transfer_id.hex()})
+            return
         incoming = await self._while_disk_full(
             self.incoming, functools.partial(self._assemble_into_incoming, sender, transfer_id)
         )
-        marker = self._done_marker(sender, transfer_id)
         marker.parent.mkdir(parents=True, exist_ok=True)
         await self._while_disk_full(
             self.done,
@@ -424,10 +437,13 @@ class Receiver:
         )
         await self._on_transfer(incoming)
 
+    def _incoming_path(self, sender: str, transfer_id: bytes) -> Path:
+        return self.incoming / f"{sender}.{transfer_id.hex()}.dcm"
+
     def _assemble_into_incoming(self, sender: str, transfer_id: bytes) -> IncomingTransfer:
         """Verify and decrypt into ``incoming/`` with its sidecar: both, or neither."""
         ident = self.identity
-        out = self.incoming / f"{sender}.{transfer_id.hex()}.dcm"
+        out = self._incoming_path(sender, transfer_id)
         manifest = self.spool.assemble(
             sender,
             transfer_id,

@@ -377,6 +377,16 @@ async def test_get_returns_every_instance_on_the_requesters_association(
             StudyInstanceUID=archive.study,
             SeriesInstanceUID=first_series,
         )
+        single_uid = archive.series[first_series][0]
+        single = await asyncio.to_thread(
+            getscu,
+            two.port_a,
+            tmp_path / "single",
+            "IMAGE",
+            StudyInstanceUID=archive.study,
+            SeriesInstanceUID=first_series,
+            SOPInstanceUID=single_uid,
+        )
         await asyncio.to_thread(
             wait_for, lambda: not gateway_b.outbox.entries(), timeout_s=30, what="B's outbox"
         )
@@ -394,6 +404,10 @@ async def test_get_returns_every_instance_on_the_requesters_association(
         assert dataset_bytes(path) == dataset_bytes(archive.files[uid]), uid
     assert series.final_status == 0x0000, series.output
     assert series.count("Completed") == len(archive.series[first_series])
+    assert single.final_status == 0x0000, single.output
+    assert single.count("Completed") == 1
+    (got,) = (tmp_path / "single").iterdir()
+    assert dataset_bytes(got) == dataset_bytes(archive.files[single_uid])
 
 
 async def test_get_counts_an_instance_no_accepted_context_carries_as_failed(
