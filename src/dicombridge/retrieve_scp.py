@@ -24,8 +24,10 @@ with Move Originator AE Title and Message ID set, through the ordinary delivery 
 
 C-GET is the same, except that each instance is C-STOREd by this module on the
 requester's own association, from the verified file, in the (SOP class, transfer syntax)
-pairs the requester accepted with the SCP role (PS3.7 D.3.3.4); an instance in a syntax
-no accepted context carries is counted as failed (0xA702 for it), never dropped silently.
+pairs the requester accepted with the SCP role (PS3.7 D.3.3.4): bytes as received where
+its transfer syntax was accepted, else converted between uncompressed syntaxes (up to
+``MAX_CONVERTED_BYTES``); an instance no accepted context can carry is counted as
+failed, never dropped silently.
 Its receipt goes back to the remote site either way.
 
 ``RelayedRetrieveService`` replaces pynetdicom's service class for the C-MOVE and C-GET SOP classes
@@ -41,8 +43,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, cast
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
+from pynetdicom import _config
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.dsutils import encode
 from pynetdicom.service_class import QueryRetrieveServiceClass
@@ -83,6 +87,16 @@ STATUS_MOVE_DESTINATION_UNKNOWN: Final = 0xA801
 STATUS_SUB_OPERATIONS_FAILED: Final = 0xA702
 STATUS_IDENTIFIER_DOES_NOT_MATCH: Final = 0xA900
 _POLL_S: Final = 0.05
+# C-GET: an uncompressed instance up to this size may be converted to another
+# uncompressed transfer syntax the requester accepted (decoded in memory to do so).
+MAX_CONVERTED_BYTES: Final = 256 * 1024 * 1024
+_UNCOMPRESSED: Final = frozenset(
+    {
+        "1.2.840.10008.1.2",  # Implicit VR Little Endian
+        "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+        "1.2.840.10008.1.2.2",  # Explicit VR Big Endian
+    }
+)
 _START_TIMEOUT_S: Final = 30.0
 _ERROR_COMMENT_LENGTH: Final = 64
 # Statuses of a final response the remote side ends a retrieve with, other than failures.
@@ -294,18 +308,19 @@ class RetrieveHandler:
         status = 0x0122
         comment: str | None = "no accepted presentation context for this instance"
         try:
-            response = service.assoc.send_c_store(incoming.path, msg_id=self._message_id)
-            status = int(getattr(response, "Status", 0xC000))
-            comment = None
-        except ValueError:
-            LOGGER.warning(
-                "C-GET %s: instance %s not sent: no accepted context", session.query_id, uid
-            )
+            response = _store_on(service.assoc, incoming, self._message_id)
+            if response is not None:
+                status = int(getattr(response, "Status", 0xC000))
+                comment = None
+            else:
+                LOGGER.warning(
+                    "C-GET %s: instance %s not sent: no accepted context", session.query_id, uid
+                )
         except Exception as exc:
             LOGGER.warning(
                 "C-GET %s: instance %s not sent: %s", session.query_id, uid, type(exc).__name__
             )
-            comment = "C-STORE sub-operation failed"
+            status, comment = 0xC000, "C-STORE sub-operation failed"
         stored = status == 0x0000 or 0xB000 <= status <= 0xBFFF
         self._run(self._bridge.finished(incoming, status, stored=stored, comment=comment))
         return SubOperation(uid, status, stored)
@@ -314,6 +329,34 @@ class RetrieveHandler:
         return asyncio.run_coroutine_threadsafe(coroutine, self._bridge.loop).result(
             timeout=_START_TIMEOUT_S
         )
+
+
+def _store_on(assoc: Any, incoming: Any, message_id: int) -> Dataset | None:
+    """Send ``incoming`` on ``assoc``; None if no accepted context can carry it.
+
+    From the file, bytes as received (chunked, never decoded), when a context accepted its
+    SOP class in its transfer syntax. Otherwise, for an uncompressed instance of at most
+    ``MAX_CONVERTED_BYTES`` and an uncompressed context for its SOP class, pynetdicom
+    converts it (decoded in memory: bounded by that size).
+    """
+    _config.STORE_SEND_CHUNKED_DATASET = True  # a process-wide switch; scu.py sets it too
+    path = incoming.path
+    sop_class = str(incoming.meta.get("sop_class_uid", ""))
+    syntax = str(incoming.meta.get("transfer_syntax_uid", ""))
+    contexts = [
+        cx for cx in assoc.accepted_contexts if cx.as_scu and str(cx.abstract_syntax) == sop_class
+    ]
+    if any(str(cx.transfer_syntax[0]) == syntax for cx in contexts):
+        result: Dataset = assoc.send_c_store(path, msg_id=message_id)
+        return result
+    convertible = syntax in _UNCOMPRESSED and any(
+        str(cx.transfer_syntax[0]) in _UNCOMPRESSED for cx in contexts
+    )
+    if not convertible or path.stat().st_size > MAX_CONVERTED_BYTES:
+        return None
+    dataset = dcmread(path)
+    converted: Dataset = assoc.send_c_store(dataset, msg_id=message_id)
+    return converted
 
 
 def _final_status(tally: _Tally, *, timed_out: bool = False) -> int:

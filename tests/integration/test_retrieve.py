@@ -429,3 +429,33 @@ async def test_get_counts_an_instance_no_accepted_context_carries_as_failed(
     # SOP Instance UID List) shows here, its content in the C-MOVE test.
     assert re.search(r"Data Set\s*:\s*present\s*\n\D*DIMSE Status\s*:\s*0xa702", result.output)
     assert not list((tmp_path / "jpeg").iterdir())
+
+
+async def test_get_converts_an_uncompressed_instance_to_the_syntax_the_requester_accepted(
+    two: TwoSites, archive: Archive, tmp_path: Path
+) -> None:
+    """getscu accepts Implicit VR Little Endian only; the instances are Explicit VR Little
+    Endian: they are converted (same values), not refused."""
+    first_series = next(iter(archive.series))
+    expected = archive.series[first_series]
+    async with running_gateways(two.config_a, two.config_b):
+        result = await asyncio.to_thread(
+            getscu,
+            two.port_a,
+            tmp_path / "implicit",
+            "SERIES",
+            extra=("+xi",),
+            StudyInstanceUID=archive.study,
+            SeriesInstanceUID=first_series,
+        )
+    assert result.final_status == 0x0000, result.output
+    assert result.count("Completed") == len(expected)
+    # getscu logs the transfer syntax each data set arrived in (it may write files in
+    # another one).
+    arrived = re.findall(r'TransferSyntax="([^"]+)"', result.output)
+    assert arrived.count("Little Endian Implicit") >= len(expected), arrived
+    for path in (tmp_path / "implicit").iterdir():
+        got = pydicom.dcmread(path)
+        original = pydicom.dcmread(archive.files[str(got.SOPInstanceUID)])
+        assert got.PixelData == original.PixelData
+        assert str(got.PatientName) == str(original.PatientName)
