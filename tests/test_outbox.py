@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import traceback
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,45 @@ def test_stored_receipt_removes_the_entry_only_from_its_recipient(
     outbox.record_receipt(Receipt(sealed.transfer_id, "stored", 0), from_site="hosp-b")
     assert outbox.get(sealed.transfer_id_hex) is None
     assert not sealed.path.exists()
+    assert outbox.count == 0
+
+
+def test_receipt_before_the_publisher_marks_the_entry_published(
+    fed: Federation, tmp_path: Path
+) -> None:
+    """The recipient can answer before the publisher records its confirm: marking the
+    ended entry published neither fails nor brings it back; a failed receipt for a
+    retrieve's entry ends it too. Marking and ending race from threads without error."""
+    outbox = Outbox(tmp_path / "outbox", max_bytes=10**9, max_count=1000)
+    sealed = admit(outbox, fed, tmp_path, 100)
+    outbox.record_receipt(Receipt(sealed.transfer_id, "stored", 0), from_site="hosp-b")
+    outbox.mark_published(sealed.transfer_id_hex)
+    assert not sealed.path.exists()
+    source = tmp_path / "retrieved.bin"
+    source.write_bytes(os.urandom(100))
+    retrieved = outbox.admit(
+        source,
+        sender=fed.sender("hosp-a"),
+        directory=fed.directory,
+        site="hosp-b",
+        fragment_size=4096,
+        meta={},
+        retrieve="ab" * 16,
+    )
+    outbox.record_receipt(Receipt(retrieved.transfer_id, "failed", 0xA900), from_site="hosp-b")
+    assert outbox.get(retrieved.transfer_id_hex) is None
+    entries = [admit(outbox, fed, tmp_path, 100) for _ in range(100)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        ended = pool.map(
+            lambda e: outbox.record_receipt(
+                Receipt(e.transfer_id, "stored", 0), from_site="hosp-b"
+            ),
+            entries,
+        )
+        marked = pool.map(lambda e: outbox.mark_published(e.transfer_id_hex), entries)
+        assert all(entry is not None for entry in ended)
+        assert list(marked) == [None] * len(entries)
+    assert list((tmp_path / "outbox").iterdir()) == []
     assert outbox.count == 0
 
 

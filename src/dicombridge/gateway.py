@@ -275,6 +275,10 @@ class Gateway:
             try:
                 await self._transport.publish_transfer(entry.transfer)
                 break
+            except FileNotFoundError:
+                # Its stored receipt ended the entry while it was being published again.
+                log.info("entry ended while publishing", extra={"transfer_id": transfer_id})
+                return
             except TransportError as exc:
                 log.warning(
                     "publish failed; retrying",

@@ -65,6 +65,9 @@ class Outbox:
         self.max_count = max_count
         root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        # Held while an entry's state is rewritten or the entry removed: a receipt may
+        # end an entry while the publisher still records that it published it.
+        self._entry_lock = threading.Lock()
         self._reserved_bytes = 0
         self._reserved_count = 0
         self._sizes: dict[str, int] = {}
@@ -200,18 +203,20 @@ class Outbox:
         return due
 
     def mark_published(self, transfer_id_hex: str) -> None:
-        entry = self.get(transfer_id_hex)
-        if entry is None:
-            return
-        state = dict(entry.state)
-        state["published_at"] = utc_now().isoformat()
-        state["attempts"] = int(state.get("attempts", 0)) + 1
-        self._keep_state(entry.transfer.path, state)
+        with self._entry_lock:  # its receipt may come (and end it) before this runs
+            entry = self.get(transfer_id_hex)
+            if entry is None:
+                return
+            state = dict(entry.state)
+            state["published_at"] = utc_now().isoformat()
+            state["attempts"] = int(state.get("attempts", 0)) + 1
+            self._keep_state(entry.transfer.path, state)
 
     def remove(self, transfer_id_hex: str) -> None:
         """Drop an entry: an admission whose modality was answered a failure after all,
         or one retention purged (its directory already gone)."""
-        shutil.rmtree(self.root / transfer_id_hex, ignore_errors=True)
+        with self._entry_lock:
+            shutil.rmtree(self.root / transfer_id_hex, ignore_errors=True)
         with self._lock:
             self._sizes.pop(transfer_id_hex, None)
 
@@ -222,23 +227,24 @@ class Outbox:
         A receipt from a site other than the transfer's recipient is ignored.
         """
         transfer_id_hex = receipt.transfer_id.hex()
-        entry = self.get(transfer_id_hex)
-        if entry is None or entry.site != from_site:
-            return None
-        if receipt.outcome == "stored" or "retrieve" in entry.state:
-            shutil.rmtree(entry.transfer.path, ignore_errors=True)
-            with self._lock:
-                self._sizes.pop(transfer_id_hex, None)
-            return entry
-        state = dict(entry.state)
-        state["receipt"] = {
-            "outcome": receipt.outcome,
-            "status": receipt.status,
-            "error_comment": receipt.error_comment,
-            "at": utc_now().isoformat(),
-        }
-        self._keep_state(entry.transfer.path, state)
-        return OutboxEntry(entry.transfer, state)
+        with self._entry_lock:
+            entry = self.get(transfer_id_hex)
+            if entry is None or entry.site != from_site:
+                return None
+            if receipt.outcome == "stored" or "retrieve" in entry.state:
+                shutil.rmtree(entry.transfer.path, ignore_errors=True)
+                with self._lock:
+                    self._sizes.pop(transfer_id_hex, None)
+                return entry
+            state = dict(entry.state)
+            state["receipt"] = {
+                "outcome": receipt.outcome,
+                "status": receipt.status,
+                "error_comment": receipt.error_comment,
+                "at": utc_now().isoformat(),
+            }
+            self._keep_state(entry.transfer.path, state)
+            return OutboxEntry(entry.transfer, state)
 
     @staticmethod
     def _read_state(path: Path) -> dict[str, Any]:
