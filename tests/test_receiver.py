@@ -6,6 +6,10 @@ import asyncio
 import os
 from pathlib import Path
 
+import pytest
+
+from dicombridge.config import DeliverySection
+from dicombridge.delivery import Deliverer
 from dicombridge.spool import IncomingTransfer, Receiver, ReceiverIdentity
 from dicombridge.transport import Delivery
 from tests.cryptokit import Federation, make_federation, messages
@@ -114,3 +118,45 @@ async def test_transfer_left_in_incoming_unmarked_is_not_handed_on_twice(tmp_pat
     await restarted.handle(Delivery(bodies[1], "hosp-a", "bulk", None, True))
     assert _spooled(root) == []
     assert delivered == [incoming]
+
+
+async def test_restart_clears_half_removed_and_half_assembled_files(tmp_path: Path) -> None:
+    """A file in incoming/ without its sidecar (stopped while assembling or removing) is
+    cleared at restart; a sidecar whose file is gone is taken as delivered, not as a
+    failure (nothing sent, nothing quarantined)."""
+    fed = make_federation()
+    delivered: list[IncomingTransfer] = []
+    root = tmp_path / "b"
+    receiver = _receiver(root, fed, delivered)
+    for seed in range(2):
+        source = tmp_path / f"src{seed}.bin"
+        source.write_bytes(os.urandom(3000))
+        for body in messages(fed.seal(source, tmp_path / "outbox", fragment_size=1000)):
+            await receiver.handle(Delivery(body, "hosp-a", "bulk", None, False))
+    kept, half_removed = delivered
+    half_removed.path.unlink()  # the sidecar is left
+    orphan = root / "incoming" / "hosp-a.00ff.dcm"
+    orphan.write_bytes(b"no sidecar")
+    (root / "incoming" / ".hosp-a.0aff.dcm.assembling").write_bytes(b"partial")
+
+    restarted = _receiver(root, fed, delivered)
+    restarted.recover()
+    assert sorted(p.name for p in (root / "incoming").iterdir()) == sorted(
+        [kept.path.name, kept.sidecar.name, half_removed.sidecar.name]
+    )
+    receipts: list[object] = []
+
+    async def send_receipt(site: str, receipt: object) -> None:
+        receipts.append(receipt)
+
+    deliverer = Deliverer(
+        local_nodes={},
+        clients=lambda node: pytest.fail("nothing is sent for a delivered transfer"),
+        send_receipt=send_receipt,
+        quarantine=root / "quarantine",
+        settings=DeliverySection(),
+    )
+    await deliverer._deliver(half_removed)
+    assert not half_removed.sidecar.exists()
+    assert receipts == []
+    assert not (root / "quarantine").exists() or not any((root / "quarantine").iterdir())

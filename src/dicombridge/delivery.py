@@ -124,6 +124,13 @@ class Deliverer:
             try:
                 if not self._stopping:
                     await self._deliver(incoming)
+            except Exception as exc:
+                # A bug or the disk: the file stays in incoming/ for the next rescan, and
+                # the other transfers are still delivered (never stop the gateway).
+                log.error(
+                    "delivery failed in the gateway; left in incoming",
+                    extra={"transfer_id": incoming.transfer_id.hex(), "error": type(exc).__name__},
+                )
             finally:
                 self._known.discard(incoming.transfer_id.hex())
                 self._queue.task_done()
@@ -151,6 +158,11 @@ class Deliverer:
     async def _deliver(self, incoming: IncomingTransfer) -> None:
         if not incoming.sidecar.exists():
             return  # delivered meanwhile (a rescan saw it just before it was removed)
+        if not incoming.path.exists():
+            # Only a sidecar left: delivered, its receipt recorded, then stopped while it
+            # was being removed (before the sidecar went first).
+            await asyncio.to_thread(self._remove, incoming)
+            return
         node_name = str(incoming.meta.get("node", ""))
         node = self._nodes.get(node_name)
         tid = incoming.transfer_id.hex()

@@ -106,7 +106,9 @@ class IncomingTransfer:
         )
 
     def remove(self) -> None:
-        for path in (self.path, self.sidecar):
+        # The sidecar first: a file without its sidecar is never delivered (and a restart
+        # clears it), whereas a sidecar without its file would be.
+        for path in (self.sidecar, self.path):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
@@ -328,12 +330,20 @@ class Receiver:
         return receipt if isinstance(receipt, dict) else None
 
     def recover(self) -> int:
-        """After a restart: forget spooled messages of transfers already done.
+        """After a restart: forget spooled messages of transfers already done, and files
+        in incoming/ that have no sidecar.
 
         A crash between writing a done marker and discarding the spool folder leaves
         the folder behind; nothing would ever complete it. Returns how many were found.
         """
         found = 0
+        for orphan in self.incoming.glob("*.dcm"):
+            # Assembled but never given its sidecar, or half removed: not deliverable
+            # (the spool still holds an unfinished transfer's messages).
+            if not orphan.with_suffix(".json").exists():
+                orphan.unlink(missing_ok=True)
+        for partial in self.incoming.glob(".*.assembling"):
+            partial.unlink(missing_ok=True)
         for folder in self.spool.root.glob("*/*"):
             if folder.name.startswith(".") or not folder.is_dir():
                 continue
