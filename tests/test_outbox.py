@@ -189,6 +189,25 @@ def test_receipt_before_the_publisher_marks_the_entry_published(
     assert outbox.count == 0
 
 
+def test_a_crash_while_an_entry_is_deleted_leaves_it_whole_or_gone(
+    fed: Federation, tmp_path: Path
+) -> None:
+    """Deleting renames the entry away first; what a crash left (a renamed entry, or an
+    entry an older version half deleted) is cleared at the next start, and never counted
+    or listed as an entry meanwhile."""
+    outbox = Outbox(tmp_path / "outbox", max_bytes=10**9, max_count=10)
+    kept = admit(outbox, fed, tmp_path, 100)
+    renamed, half = admit(outbox, fed, tmp_path, 100), admit(outbox, fed, tmp_path, 100)
+    renamed.path.rename(renamed.path.with_name(f".{renamed.path.name}.removing"))
+    (half.path / "transfer.json").unlink()  # as if rmtree was killed midway
+    restarted = Outbox(tmp_path / "outbox", max_bytes=10**9, max_count=10)
+    assert [e.transfer.transfer_id_hex for e in restarted.entries()] == [kept.transfer_id_hex]
+    restarted.recover()
+    assert [p.name for p in (tmp_path / "outbox").iterdir()] == [kept.path.name]
+    restarted.record_receipt(Receipt(kept.transfer_id, "stored", 0), from_site="hosp-b")
+    assert list((tmp_path / "outbox").iterdir()) == []
+
+
 # --- a full disk ------------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import threading
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from typing import Any, Final
 
 from dicombridge.control import Receipt
 from dicombridge.directory import Directory
-from dicombridge.durable import free_bytes, is_disk_full, write_durably
+from dicombridge.durable import free_bytes, fsync_dir, is_disk_full, write_durably
 from dicombridge.envelope import Sender, sealed_fragment_bytes
 from dicombridge.errors import KeyMaterialError, OutboxDiskFullError, OutboxFullError
 from dicombridge.fragments import TRANSFER_FILE, Recipient, SealedTransfer, seal_file
@@ -82,6 +83,15 @@ class Outbox:
         """
         for leftover in self.root.glob(".*.sealing"):
             shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in self.root.glob(".*.removing"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        for path in self.root.iterdir():
+            # An entry is renamed away before it is deleted; one without its transfer
+            # file was half deleted by an older version: finish the job.
+            if not path.name.startswith(".") and not (path / TRANSFER_FILE).exists():
+                shutil.rmtree(path, ignore_errors=True)
+                with self._lock:
+                    self._sizes.pop(path.name, None)
 
     @property
     def used_bytes(self) -> int:
@@ -216,7 +226,7 @@ class Outbox:
         """Drop an entry: an admission whose modality was answered a failure after all,
         or one retention purged (its directory already gone)."""
         with self._entry_lock:
-            shutil.rmtree(self.root / transfer_id_hex, ignore_errors=True)
+            self._delete(self.root / transfer_id_hex)
         with self._lock:
             self._sizes.pop(transfer_id_hex, None)
 
@@ -232,7 +242,7 @@ class Outbox:
             if entry is None or entry.site != from_site:
                 return None
             if receipt.outcome == "stored" or "retrieve" in entry.state:
-                shutil.rmtree(entry.transfer.path, ignore_errors=True)
+                self._delete(entry.transfer.path)
                 with self._lock:
                     self._sizes.pop(transfer_id_hex, None)
                 return entry
@@ -245,6 +255,18 @@ class Outbox:
             }
             self._keep_state(entry.transfer.path, state)
             return OutboxEntry(entry.transfer, state)
+
+    def _delete(self, path: Path) -> None:
+        """Delete an entry so that a crash leaves it whole or gone: renamed away first
+        (atomic), then removed; ``recover`` finishes what a crash interrupted."""
+        trash = self.root / f".{path.name}.removing"
+        shutil.rmtree(trash, ignore_errors=True)
+        try:
+            os.replace(path, trash)
+        except FileNotFoundError:
+            return
+        fsync_dir(self.root)
+        shutil.rmtree(trash, ignore_errors=True)
 
     @staticmethod
     def _read_state(path: Path) -> dict[str, Any]:
