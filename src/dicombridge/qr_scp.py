@@ -56,7 +56,9 @@ FIND_MODELS: Final[dict[str, InformationModel]] = {
     PATIENT_ROOT_FIND: "patient",
     STUDY_ROOT_FIND: "study",
 }
-_ERROR_COMMENT_LENGTH: Final = 64
+ERROR_COMMENT_LENGTH: Final = 64  # LO (PS3.7 C.4)
+QUERY_LEVELS: Final = frozenset({"PATIENT", "STUDY", "SERIES", "IMAGE"})
+STATUS_IDENTIFIER_DOES_NOT_MATCH: Final = 0xA900
 # How often the answering thread looks at C-CANCEL while it waits for the remote site.
 _POLL_S: Final = 0.05
 _START_TIMEOUT_S: Final = 30.0
@@ -94,12 +96,27 @@ def from_explicit_little(data: bytes) -> Dataset:
     return read_dataset(io.BytesIO(data), is_implicit_VR=False, is_little_endian=True)
 
 
+def parse_identifier(raw: io.BytesIO | None, transfer_syntax: str) -> bytes:
+    """A request's Identifier as Explicit VR Little Endian bytes, with a known Query/
+    Retrieve Level; ValueError carries the Error Comment for 0xA900 otherwise."""
+    try:
+        if raw is None:
+            raise ValueError("no identifier")
+        identifier = to_explicit_little(raw, transfer_syntax)
+        level = from_explicit_little(identifier).get("QueryRetrieveLevel")
+    except Exception as exc:
+        raise ValueError("identifier cannot be parsed") from exc
+    if level not in QUERY_LEVELS:
+        raise ValueError("Query/Retrieve Level missing or unknown")
+    return identifier
+
+
 def status_dataset(status: int, comment: str | None) -> Dataset:
     """A response status, with its Error Comment (failures only, PS3.7 C.4)."""
     result = Dataset()
     result.Status = status
     if comment and status not in (0x0000, 0xFF00, 0xFF01):
-        result.ErrorComment = comment[:_ERROR_COMMENT_LENGTH]
+        result.ErrorComment = comment[:ERROR_COMMENT_LENGTH]
     return result
 
 
@@ -118,20 +135,15 @@ class FindHandler:
             yield status_dataset(0x0122, "SOP class not supported"), None
             return
         try:
-            raw = cast(C_FIND, event.request).Identifier
-            if raw is None:
-                raise ValueError("no identifier")
-            identifier = to_explicit_little(raw, context.transfer_syntax)
-            level = from_explicit_little(identifier).get("QueryRetrieveLevel")
-        except Exception:
-            yield status_dataset(0xA900, "identifier cannot be parsed"), None
-            return
-        if level not in ("PATIENT", "STUDY", "SERIES", "IMAGE"):
-            yield status_dataset(0xA900, "Query/Retrieve Level missing or unknown"), None
+            identifier = parse_identifier(
+                cast(C_FIND, event.request).Identifier, str(context.transfer_syntax)
+            )
+        except ValueError as exc:
+            yield status_dataset(STATUS_IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
             return
         request = ScpRequest("find", called, calling, model, identifier)
         bridge = self._bridge
-        session: QuerySession = _run(bridge, bridge.start(request))
+        session: QuerySession = run_on_loop(bridge, bridge.start(request))
         yield from self._responses(event, session, called)
 
     def _responses(
@@ -142,7 +154,7 @@ class FindHandler:
         waited_s = 0.0
         while True:
             if event.is_cancelled:
-                _run(bridge, bridge.cancel(session, reason="C-CANCEL from the requester"))
+                run_on_loop(bridge, bridge.cancel(session, reason="C-CANCEL from the requester"))
                 LOGGER.info("C-FIND %s cancelled after %d matches", session.query_id, matches)
                 yield STATUS_CANCEL, None
                 return
@@ -150,7 +162,7 @@ class FindHandler:
             if response is None:
                 waited_s += _POLL_S
                 if waited_s >= session.timeout_s:
-                    _run(bridge, bridge.cancel(session, reason="timed out"))
+                    run_on_loop(bridge, bridge.cancel(session, reason="timed out"))
                     site = session.to_site or "the remote site"
                     LOGGER.warning(
                         "C-FIND %s: %s did not answer within %.0f s",
@@ -192,7 +204,7 @@ def _match(response: QueryResponse, called: str) -> Dataset | None:
     return match
 
 
-def _run(bridge: QueryBridge, coroutine: Any) -> Any:
+def run_on_loop(bridge: QueryBridge, coroutine: Any) -> Any:
     """Run a coroutine on the gateway's loop from an association thread."""
     return asyncio.run_coroutine_threadsafe(coroutine, bridge.loop).result(timeout=_START_TIMEOUT_S)
 

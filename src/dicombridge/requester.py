@@ -96,7 +96,6 @@ class QuerySession:
         self.to_site = to_site
         self.timeout_s = timeout_s
         self.retrieve = retrieve
-        self.started = time.monotonic()
         self._queue: queue.Queue[QueryResponse | SubOperation | Retrieved] = queue.Queue()
         self._next_seq = 0
         self._held: dict[int, QueryResponse] = {}
@@ -187,9 +186,6 @@ class Requester:
     @loop.setter
     def loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-
-    def replace_routes(self, routes: list[RouteEntry]) -> None:
-        self._routes = {route.ae_title: route for route in routes}
 
     def route(self, called_ae_title: str) -> RouteEntry | None:
         return self._routes.get(called_ae_title.strip())

@@ -37,7 +37,6 @@ the hook); any other AE in the process keeps pynetdicom's.
 
 from __future__ import annotations
 
-import asyncio
 import io
 import logging
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from typing import Any, Final, Protocol, cast
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import _config
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.dsutils import encode
@@ -54,13 +53,15 @@ from pynetdicom.service_class import QueryRetrieveServiceClass
 from dicombridge.acceptance import is_storage_like
 from dicombridge.control import InformationModel, QueryResponse
 from dicombridge.qr_scp import (
+    ERROR_COMMENT_LENGTH,
     PATIENT_ROOT_GET,
     PATIENT_ROOT_MOVE,
+    STATUS_IDENTIFIER_DOES_NOT_MATCH,
     STUDY_ROOT_GET,
     STUDY_ROOT_MOVE,
     QueryBridge,
-    from_explicit_little,
-    to_explicit_little,
+    parse_identifier,
+    run_on_loop,
 )
 from dicombridge.requester import (
     STATUS_CANCEL,
@@ -85,20 +86,10 @@ STATUS_PENDING: Final = 0xFF00
 STATUS_WARNING: Final = 0xB000
 STATUS_MOVE_DESTINATION_UNKNOWN: Final = 0xA801
 STATUS_SUB_OPERATIONS_FAILED: Final = 0xA702
-STATUS_IDENTIFIER_DOES_NOT_MATCH: Final = 0xA900
 _POLL_S: Final = 0.05
 # C-GET: an uncompressed instance up to this size may be converted to another
 # uncompressed transfer syntax the requester accepted (decoded in memory to do so).
 MAX_CONVERTED_BYTES: Final = 256 * 1024 * 1024
-_UNCOMPRESSED: Final = frozenset(
-    {
-        "1.2.840.10008.1.2",  # Implicit VR Little Endian
-        "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
-        "1.2.840.10008.1.2.2",  # Explicit VR Big Endian
-    }
-)
-_START_TIMEOUT_S: Final = 30.0
-_ERROR_COMMENT_LENGTH: Final = 64
 # Statuses of a final response the remote side ends a retrieve with, other than failures.
 _NOT_FAILURES: Final = frozenset({STATUS_SUCCESS, STATUS_WARNING, STATUS_CANCEL})
 
@@ -225,23 +216,10 @@ class RetrieveHandler:
                 for cx in assoc.accepted_contexts
                 if cx.as_scu and is_storage_like(str(cx.abstract_syntax))
             )
-        raw = req.Identifier
         try:
-            if raw is None:
-                raise ValueError("no identifier")
-            identifier = to_explicit_little(raw, str(context.transfer_syntax[0]))
-            level = from_explicit_little(identifier).get("QueryRetrieveLevel")
-        except Exception:
-            out.final(
-                STATUS_IDENTIFIER_DOES_NOT_MATCH, _Tally(), comment="identifier cannot be parsed"
-            )
-            return
-        if level not in ("PATIENT", "STUDY", "SERIES", "IMAGE"):
-            out.final(
-                STATUS_IDENTIFIER_DOES_NOT_MATCH,
-                _Tally(),
-                comment="Query/Retrieve Level missing or unknown",
-            )
+            identifier = parse_identifier(req.Identifier, str(context.transfer_syntax[0]))
+        except ValueError as exc:
+            out.final(STATUS_IDENTIFIER_DOES_NOT_MATCH, _Tally(), comment=str(exc))
             return
         request = ScpRequest(
             "move" if node is not None else "get",
@@ -326,9 +304,11 @@ class RetrieveHandler:
         return SubOperation(uid, status, stored)
 
     def _run(self, coroutine: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._bridge.loop).result(
-            timeout=_START_TIMEOUT_S
-        )
+        return run_on_loop(self._bridge, coroutine)
+
+
+def _uncompressed(transfer_syntax: str) -> bool:
+    return transfer_syntax in (ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian)
 
 
 def _store_on(assoc: Any, incoming: Any, message_id: int) -> Dataset | None:
@@ -349,8 +329,8 @@ def _store_on(assoc: Any, incoming: Any, message_id: int) -> Dataset | None:
     if any(str(cx.transfer_syntax[0]) == syntax for cx in contexts):
         result: Dataset = assoc.send_c_store(path, msg_id=message_id)
         return result
-    convertible = syntax in _UNCOMPRESSED and any(
-        str(cx.transfer_syntax[0]) in _UNCOMPRESSED for cx in contexts
+    convertible = _uncompressed(syntax) and any(
+        _uncompressed(str(cx.transfer_syntax[0])) for cx in contexts
     )
     if not convertible or path.stat().st_size > MAX_CONVERTED_BYTES:
         return None
@@ -411,7 +391,7 @@ class _Responses:
         self.sent_final = True
         rsp = self._response(status, tally, remaining=status == STATUS_CANCEL)
         if comment and status not in (STATUS_SUCCESS, STATUS_PENDING):
-            rsp.ErrorComment = comment[:_ERROR_COMMENT_LENGTH]  # type: ignore[assignment]
+            rsp.ErrorComment = comment[:ERROR_COMMENT_LENGTH]  # type: ignore[assignment]
         if status != STATUS_SUCCESS and tally.failed_uids:
             identifier = Dataset()
             identifier.FailedSOPInstanceUIDList = tally.failed_uids
