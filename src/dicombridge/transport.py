@@ -68,6 +68,7 @@ import contextlib
 import logging
 import random
 import traceback
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -467,6 +468,9 @@ class Transport:
         }
         self._tallies = {plane: _Tally() for plane in PLANES}
         self._publish_channels: dict[Plane, tuple[AbstractConnection, AbstractChannel]] = {}
+        # Channels closed here because the broker nacked a publish on them: the other
+        # publishes they carried fail with the nack's error, not as a lost connection.
+        self._nacked: weakref.WeakSet[AbstractChannel] = weakref.WeakSet()
         self._channel_locks = {plane: asyncio.Lock() for plane in PLANES}
         self._exchanges: dict[tuple[Plane, str], AbstractExchange] = {}
         self._closing = False
@@ -578,6 +582,10 @@ class Transport:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
                     raise  # we are cancelled, not the publish
+                if channel in self._nacked:
+                    raise PublishRefusedError(
+                        f"publish {message_id}: refused (the broker nacked its channel)"
+                    ) from None
                 await self._retire_channel(plane, channel)
                 raise BrokerUnreachableError(
                     f"publish {message_id}: confirm lost with the channel"
@@ -588,9 +596,14 @@ class Transport:
                 # A nack. After a quorum queue's leader moved, RabbitMQ 3.10 was seen to
                 # nack every later publish on the same channel while a new channel
                 # published fine: so a channel that nacked is not used again.
+                self._nacked.add(channel)
                 await self._retire_channel(plane, channel)
                 raise _translate(exc, f"publish {message_id}") from exc
             except Exception as exc:
+                if channel in self._nacked:
+                    raise PublishRefusedError(
+                        f"publish {message_id}: refused (the broker nacked its channel)"
+                    ) from exc
                 if channel.is_closed or self._links[plane].current is None:
                     await self._retire_channel(plane, channel)
                     raise BrokerUnreachableError(
