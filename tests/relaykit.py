@@ -90,7 +90,7 @@ def _configure(
     ]
     blocks += [
         f'\n[[local_nodes]]\nname = "{n.name}"\nae_title = "{n.ae_title}"\n'
-        f'host = "{n.host}"\nport = {n.port}\n'
+        f'host = "{n.host}"\nport = {n.port}\nc_get = {str(n.c_get).lower()}\n'
         for n in nodes
     ]
     config_path.write_text(text + "".join(blocks), encoding="utf-8")

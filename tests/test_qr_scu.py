@@ -12,13 +12,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import read_dataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicombridge.config import LocalNode
@@ -647,6 +648,83 @@ def test_cancel_stops_a_move(scu: QuerySCU, holdings: Holdings, observer: Observ
     assert 5 <= outcome.counts.completed < LARGE_SERIES
     arrived = {entry[0] for entry in observer.stored} & set(holdings.large.instances)
     assert len(arrived) == outcome.counts.completed
+
+
+# --- C-GET against Orthanc ------------------------------------------------------------
+
+
+def test_get_receives_on_its_own_association_in_the_syntax_proposed(
+    scu: QuerySCU, holdings: Holdings
+) -> None:
+    """C-GET of a series proposing Secondary Capture in Implicit VR Little Endian only,
+    this side as its SCP: Orthanc (which holds them Explicit VR Little Endian) sends every
+    instance on the C-GET's own association, in that syntax; the counts say so; the
+    file each data set was received into is gone once the handler returned."""
+    series_uid, expected = next(iter(holdings.latin1.series.items()))
+    received: list[tuple[str, str, bool]] = []
+    files: list[str] = []
+
+    def on_c_store(event: evt.Event) -> int:
+        request = cast(C_STORE, event.request)
+        received.append(
+            (
+                str(request.AffectedSOPInstanceUID),
+                str(event.context.transfer_syntax),
+                event.assoc.is_requestor,
+            )
+        )
+        dataset_file = getattr(request, "_dataset_file", None)
+        if dataset_file is not None:
+            files.append(dataset_file.name)
+        return 0x0000
+
+    progress: list[Counts] = []
+    outcome = scu.get(
+        Model.STUDY,
+        query("SERIES", StudyInstanceUID=holdings.latin1.study_uid, SeriesInstanceUID=series_uid),
+        storage=[(SECONDARY_CAPTURE, ImplicitVRLittleEndian)],
+        evt_handlers=[(evt.EVT_C_STORE, on_c_store)],
+        on_progress=progress.append,
+        message_id=77,
+    )
+    assert outcome.status == 0x0000
+    assert outcome.from_peer
+    assert outcome.counts is not None
+    assert (outcome.counts.completed, outcome.counts.failed) == (len(expected), 0)
+    assert sorted(uid for uid, _, _ in received) == sorted(expected)
+    assert {syntax for _, syntax, _ in received} == {ImplicitVRLittleEndian}
+    assert all(is_requestor for _, _, is_requestor in received)
+    completed = [count.completed for count in progress]  # pending responses, as they came
+    assert completed, "no pending response reported"
+    assert completed == sorted(completed)
+    assert completed[-1] <= len(expected)
+    assert not any(Path(name).exists() for name in files)
+
+
+def test_get_counts_what_no_proposed_context_carries_as_failed(
+    scu: QuerySCU, holdings: Holdings
+) -> None:
+    """Storage proposed for a SOP class the study does not hold: Orthanc has no context to
+    send on, counts the instance failed and fails the C-GET (Orthanc 1.10 stops at the
+    first such instance: 0xC000, one failed); the C-STORE handler is never called."""
+    called: list[str] = []
+
+    def on_c_store(event: evt.Event) -> int:
+        called.append(str(cast(C_STORE, event.request).AffectedSOPInstanceUID))
+        return 0x0000
+
+    outcome = scu.get(
+        Model.STUDY,
+        query("STUDY", StudyInstanceUID=holdings.utf8_a.study_uid),
+        storage=[("1.2.840.10008.5.1.4.1.1.2", ExplicitVRLittleEndian)],  # CT Image Storage
+        evt_handlers=[(evt.EVT_C_STORE, on_c_store)],
+    )
+    assert outcome.from_peer
+    assert outcome.status & 0xF000 in {0xA000, 0xC000}  # Failure (PS3.4 C.4.3.1.4)
+    assert outcome.counts is not None
+    assert outcome.counts.completed == 0
+    assert outcome.counts.failed >= 1
+    assert called == []
 
 
 def test_bad_message_id_is_a_programming_error(scu: QuerySCU) -> None:

@@ -158,6 +158,10 @@ class LocalNode(_Section):
     ae_title: AETitle
     host: str
     port: int = Field(ge=1, le=65535)
+    # When another site asks for a C-GET, retrieve from this node with a C-GET proposing
+    # the requester's accepted transfer syntaxes (the node may transcode). False: a
+    # C-MOVE to the gateway instead (for a node whose C-GET SCP is off).
+    c_get: bool = True
 
 
 class OutboxSection(_Section):

@@ -481,6 +481,7 @@ class Gateway:
             queries=self.requester,
         ) as scp:
             self.scp_port = scp.port
+            self.responder.retrieve_handlers = scp.retrieve_handlers
             try:
                 async with asyncio.TaskGroup() as group:
                     group.create_task(self.deliverer.run())

@@ -1,8 +1,11 @@
-"""C-FIND and C-MOVE toward a node in this hospital (the PACS) on a remote site's behalf.
+"""C-FIND, C-MOVE and C-GET toward a node in this hospital (the PACS) on a remote site's
+behalf.
 
 ``QuerySCU(node, calling_ae_title=...)`` is the Query/Retrieve SCU (PS3.4 C) a receiving
 site's gateway runs toward its own PACS: ``find`` streams the matches of a C-FIND,
-``move`` sends a C-MOVE whose destination is the gateway itself, ``echo`` checks the
+``move`` sends a C-MOVE whose destination is the gateway itself, ``get`` sends a C-GET
+whose instances come back on its own association in the (SOP class, transfer syntax)
+pairs given (the node may transcode to one of them, as Orthanc does), ``echo`` checks the
 node. Every call is blocking (the gateway runs it with ``asyncio.to_thread``) and opens
 an association of its own, so concurrent calls share nothing; the socket has TCP_NODELAY
 (scu.py's requestor socket).
@@ -22,8 +25,9 @@ of non-ASCII values (ISO_IR 100, ISO_IR 192, ...) pass through unchanged:
 - each match reaches ``on_match`` as soon as its pending response arrives, encoded
   Explicit VR Little Endian with its Specific Character Set.
 
-Cancel (PS3.7 9.3.2.3): ``send_c_find``/``send_c_move`` block while waiting for the next
-response, so a C-CANCEL cannot wait for the loop that reads them. When ``cancelled`` is
+Cancel (PS3.7 9.3.2.3): pynetdicom's ``send_c_find``/``send_c_move``/``send_c_get`` block
+while waiting for the next response, so a C-CANCEL cannot wait for the loop that reads
+them. When ``cancelled`` is
 given, a watcher thread waits on it and sends C-CANCEL the moment it is set, even while
 the node is busy preparing its next response (the thread outlives the call by at most
 ``_WATCH_INTERVAL_S``); the call then reads on to the node's final response (0xFE00
@@ -58,11 +62,13 @@ pynetdicom's identifier logging is switched off.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any, Final
@@ -73,9 +79,10 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import _config
+from pynetdicom import _config, evt
 from pynetdicom.association import Association
-from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.events import EventHandlerType
+from pynetdicom.presentation import PresentationContext, build_context, build_role
 
 from dicombridge.config import LocalNode
 from dicombridge.scu import (
@@ -125,6 +132,13 @@ _MOVE: Final = {
     "patient": "1.2.840.10008.5.1.4.1.2.1.2",
     "study": "1.2.840.10008.5.1.4.1.2.2.2",
 }
+_GET: Final = {
+    "patient": "1.2.840.10008.5.1.4.1.2.1.3",
+    "study": "1.2.840.10008.5.1.4.1.2.2.3",
+}
+# An association proposes at most 128 presentation contexts (PS3.8 9.3.2.2: odd IDs
+# 1..255); a C-GET's information model takes two (``_contexts``), its storage the rest.
+_MAX_STORAGE_CONTEXTS: Final = 126
 
 
 class Model(enum.StrEnum):
@@ -141,10 +155,14 @@ class Model(enum.StrEnum):
     def move_sop_class_uid(self) -> str:
         return _MOVE[self.value]
 
+    @property
+    def get_sop_class_uid(self) -> str:
+        return _GET[self.value]
+
 
 @dataclass(frozen=True)
 class Counts:
-    """Sub-operation counts of a C-MOVE response (PS3.4 C.4.2.1.6)."""
+    """Sub-operation counts of a C-MOVE or C-GET response (PS3.4 C.4.2.1.6, C.4.3.1.6)."""
 
     remaining: int | None
     completed: int
@@ -158,7 +176,7 @@ class QueryOutcome:
 
     ``status`` is the node's final (0000,0900) when ``from_peer``, else a stand-in (see
     the module docstring); ``error_comment`` is the node's (0000,0902) or our reason.
-    ``counts`` and ``failed_sop_instance_uids`` (0008,0058) are a C-MOVE's final ones.
+    ``counts`` and ``failed_sop_instance_uids`` (0008,0058) are a retrieve's final ones.
     """
 
     status: int
@@ -266,7 +284,7 @@ def _counts_of(response: Dataset) -> Counts | None:
 
 
 def _failed_uids_of(identifier: Dataset | None) -> tuple[str, ...]:
-    """(0008,0058) Failed SOP Instance UID List of a final C-MOVE response."""
+    """(0008,0058) Failed SOP Instance UID List of a final C-MOVE or C-GET response."""
     if identifier is None:
         return ()
     try:
@@ -409,13 +427,17 @@ class _FindReader:
 
 
 class _MoveReader:
-    """The C-MOVE side of an exchange: reports progress, reads the final counts."""
-
-    what = "C-MOVE"
+    """The C-MOVE or C-GET side of an exchange: reports progress, reads the final counts."""
 
     def __init__(
-        self, on_progress: Callable[[Counts], None] | None, destination_ae: str, msg_id: int
+        self,
+        on_progress: Callable[[Counts], None] | None,
+        destination_ae: str | None,
+        msg_id: int,
+        *,
+        what: str = "C-MOVE",
     ) -> None:
+        self.what = what
         self._on_progress = on_progress
         self._destination_ae = destination_ae
         self._msg_id = msg_id
@@ -451,7 +473,8 @@ class _MoveReader:
 
 
 class QuerySCU:
-    """C-ECHO, C-FIND and C-MOVE to one local node; blocking, one association per call.
+    """C-ECHO, C-FIND, C-MOVE and C-GET to one local node; blocking, one association per
+    call.
 
     ``maximum_pdu_size`` is the largest PDU we accept (16 KiB..4 MiB).
     """
@@ -566,6 +589,43 @@ class QuerySCU:
             ),
         )
 
+    def get(
+        self,
+        model: Model,
+        identifier: bytes,
+        *,
+        storage: Sequence[tuple[str, str]],
+        evt_handlers: Sequence[EventHandlerType],
+        on_progress: Callable[[Counts], None] | None = None,
+        cancelled: threading.Event | None = None,
+        message_id: int | None = None,
+    ) -> QueryOutcome:
+        """C-GET ``identifier`` (Explicit VR Little Endian bytes) in ``model``.
+
+        The association proposes the (SOP Class UID, Transfer Syntax UID) pairs of
+        ``storage`` with this side as the Storage SCP (PS3.7 D.3.3.4): the node sends
+        each instance in one of them, transcoding if it can, or counts it failed. Its
+        C-STOREs go to the ``evt.EVT_C_STORE`` handler among ``evt_handlers`` (bound for
+        the association's life), in the association's reader thread; the file a data
+        set was received into (pynetdicom's chunked receiving) is closed and removed
+        after it returns. Only the first ``_MAX_STORAGE_CONTEXTS`` SOP classes are
+        proposed (logged when more are given).
+        """
+        msg_id = 1 if message_id is None else message_id
+        if not 0 <= msg_id <= 0xFFFF:
+            raise ValueError("message_id must be within [0, 65535]")
+        sop_class_uid = Model(model).get_sop_class_uid
+        return self._exchange(
+            _MoveReader(on_progress, None, msg_id, what="C-GET"),
+            sop_class_uid,
+            identifier,
+            msg_id=msg_id,
+            cancelled=cancelled,
+            send=lambda assoc, request: assoc.send_c_get(request, sop_class_uid, msg_id=msg_id),
+            storage=storage,
+            evt_handlers=[_removing_received_file(item) for item in evt_handlers],
+        )
+
     # --- internals ------------------------------------------------------------------
 
     def _exchange(
@@ -577,6 +637,8 @@ class QuerySCU:
         msg_id: int,
         cancelled: threading.Event | None,
         send: Callable[[Association, Dataset], Iterator[tuple[Dataset, Dataset | None]]],
+        storage: Sequence[tuple[str, str]] = (),
+        evt_handlers: Sequence[EventHandlerType] = (),
     ) -> QueryOutcome:
         """One request on an association of its own: read its responses to the final
         one, C-CANCEL when ``cancelled`` is set, release (or abort if left half-way)."""
@@ -586,7 +648,7 @@ class QuerySCU:
             return _local(STATUS_BAD_IDENTIFIER, "Identifier is not an Explicit VR LE data set")
         if cancelled is not None and cancelled.is_set():
             return _local(STATUS_CANCEL, f"cancelled before the {what} was sent")
-        assoc = self._associate(sop_class_uid, what)
+        assoc = self._associate(sop_class_uid, what, storage=storage, evt_handlers=evt_handlers)
         if isinstance(assoc, QueryOutcome):
             return assoc
         canceller = _Canceller(
@@ -635,16 +697,27 @@ class QuerySCU:
             canceller.close()
             _end(assoc, finished=finished)
 
-    def _associate(self, sop_class_uid: str, what: str) -> Association | QueryOutcome:
-        """An association accepting ``sop_class_uid``, or the outcome saying why not."""
+    def _associate(
+        self,
+        sop_class_uid: str,
+        what: str,
+        *,
+        storage: Sequence[tuple[str, str]] = (),
+        evt_handlers: Sequence[EventHandlerType] = (),
+    ) -> Association | QueryOutcome:
+        """An association accepting ``sop_class_uid`` (and proposing ``storage`` with the
+        SCP role), or the outcome saying why not."""
         _configure_pynetdicom()
         started = time.monotonic()
+        storage_contexts, roles = self._storage_contexts(storage)
         assoc = self._ae.associate(
             self.node.host,
             self.node.port,
-            contexts=_contexts(sop_class_uid),
+            contexts=[*_contexts(sop_class_uid), *storage_contexts],
             ae_title=self.node.ae_title,
             max_pdu=self.maximum_pdu_size,
+            ext_neg=roles or None,
+            evt_handlers=list(evt_handlers) or None,
         )
         if assoc.is_established:
             if not any(cx.abstract_syntax == sop_class_uid for cx in assoc.accepted_contexts):
@@ -711,6 +784,31 @@ class QuerySCU:
             f"no association with {self.node.ae_title} (refused or timed out)",
         )
 
+    def _storage_contexts(
+        self, storage: Sequence[tuple[str, str]]
+    ) -> tuple[list[PresentationContext], list[Any]]:
+        """One context per SOP class with its transfer syntaxes in the order given, and a
+        role selection making this side its SCP."""
+        by_class: dict[str, list[str]] = {}
+        for sop_class_uid, transfer_syntax in storage:
+            syntaxes = by_class.setdefault(sop_class_uid, [])
+            if transfer_syntax not in syntaxes:
+                syntaxes.append(transfer_syntax)
+        if len(by_class) > _MAX_STORAGE_CONTEXTS:
+            log.warning(
+                "C-GET storage SOP classes beyond the association's limit not proposed",
+                extra={
+                    **self._log_extra(),
+                    "given": len(by_class),
+                    "proposed": _MAX_STORAGE_CONTEXTS,
+                },
+            )
+        chosen = list(by_class.items())[:_MAX_STORAGE_CONTEXTS]
+        contexts = [build_context(uid, syntaxes) for uid, syntaxes in chosen]
+        # list[Any]: ``associate`` takes a list of pynetdicom's private union of items.
+        roles: list[Any] = [build_role(uid, scp_role=True) for uid, _ in chosen]
+        return contexts, roles
+
     def _no_response(self, assoc: Association, what: str) -> QueryOutcome:
         """No final response: the node aborted (Orthanc does so for a C-FIND or C-MOVE
         from a caller it does not know), the connection broke, or ``dimse_timeout_s``
@@ -738,6 +836,28 @@ class QuerySCU:
             "called_ae_title": self.node.ae_title,
             "calling_ae_title": self.calling_ae_title,
         }
+
+
+def _removing_received_file(item: EventHandlerType) -> EventHandlerType:
+    """An ``evt.EVT_C_STORE`` handler made to close and remove, once it returns, the file
+    the C-STORE's data set was received into: pynetdicom 3.0.4 does so after the handler
+    on an SCP's associations only, not for the C-STOREs a C-GET SCU receives (the file
+    and its open handle would be left). Other handlers are returned as they are."""
+    if item[0] is not evt.EVT_C_STORE:
+        return item
+    handler = item[1]
+
+    def on_c_store(event: evt.Event, *args: Any) -> Any:
+        try:
+            return handler(event, *args)
+        finally:
+            received = getattr(event.request, "_dataset_file", None)
+            if received is not None:
+                received.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(received.name)
+
+    return (evt.EVT_C_STORE, on_c_store, *item[2:])
 
 
 def _end(assoc: Association, *, finished: bool = True) -> None:

@@ -12,6 +12,16 @@ control queue goes on (receipts, other queries) while a query runs.
 
 Each response is published before the next match is taken from the PACS: a slow broker
 slows the query instead of piling matches up in memory.
+
+A retrieve (``move`` or ``get``) is sent to the PACS with a Message ID unique among the
+retrieves under way. The PACS's instances come to the gateway's Storage SCP (``scp``),
+which asks ``retrieved`` whose they are and seals each one back to the requester as a
+transfer. A C-MOVE from the requester becomes a C-MOVE to the gateway itself (the most
+widely supported retrieve). A C-GET becomes a C-GET, proposing exactly the (SOP class,
+transfer syntax) pairs the requester accepted (those this gateway relays) so that the
+PACS sends, or transcodes to, a syntax the requester can take; a PACS without C-GET (it
+does not accept the C-GET SOP class, or its node says ``c_get = false``) gets a C-MOVE to
+the gateway instead, and the requesting gateway converts what it can.
 """
 
 from __future__ import annotations
@@ -27,14 +37,16 @@ from datetime import datetime
 from typing import Any, Final
 
 from pydicom.dataset import Dataset
+from pynetdicom.events import EventHandlerType
 
 from dicombridge.config import LocalNode
 from dicombridge.control import Cancel, Query, QueryResponse, SubOperations
 from dicombridge.envelope import control_age
 from dicombridge.errors import BridgeError
 from dicombridge.qr_scp import from_explicit_little
-from dicombridge.qr_scu import Counts, Model, QueryOutcome, QuerySCU
+from dicombridge.qr_scu import STATUS_NOT_ACCEPTED, Counts, Model, QueryOutcome, QuerySCU
 from dicombridge.query_policy import RemoteAccessPolicy
+from dicombridge.scp import TRANSFER_SYNTAXES
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +56,8 @@ STATUS_UNABLE_TO_PROCESS: Final = 0xC000
 STATUS_MATCH_LIMIT: Final = 0xB001
 
 Publish = Callable[[str, dict[str, Any]], Awaitable[None]]
+# The Storage SCP's handlers for a C-GET association with this Message ID.
+RetrieveHandlers = Callable[[int], list[EventHandlerType]]
 
 
 class _Running:
@@ -92,6 +106,11 @@ class Responder:
         self._moves: dict[int, _Running] = {}
         self._next_message_id = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        # Set by the gateway once its Storage SCP runs; without it C-GET becomes C-MOVE.
+        self.retrieve_handlers: RetrieveHandlers | None = None
+        # Retrieves sent to a local node as C-GET / as C-MOVE (figures for tests).
+        self.gets_sent = 0
+        self.moves_sent = 0
         # Responses the broker confirmed, over the gateway's life (a figure for tests).
         self.responses_sent = 0
 
@@ -199,7 +218,7 @@ class Responder:
             outcome = await self._find(running, scu, query.model, query.identifier)
             return self._outcome_response(running, outcome)
         if query.operation in ("move", "get") and query.model is not None and query.identifier:
-            outcome = await self._move(running, scu, query.model, query.identifier)
+            outcome = await self._retrieve(running, scu, query.model, query.identifier)
             return self._outcome_response(running, outcome)
         return self._response(
             running,
@@ -229,11 +248,12 @@ class Responder:
             max_matches=cap,
         )
 
-    async def _move(
+    async def _retrieve(
         self, running: _Running, scu: QuerySCU, model: str, identifier: bytes
     ) -> QueryOutcome:
-        """C-MOVE from the PACS to this gateway itself; each instance it sends is sealed
-        back to the requester as a transfer (``retrieved``); progress goes back as it comes.
+        """C-GET or C-MOVE from the PACS to this gateway (see the module docstring); each
+        instance it sends is sealed back to the requester as a transfer (``retrieved``);
+        progress goes back as it comes.
         """
         loop = asyncio.get_running_loop()
         self._next_message_id = self._next_message_id % 0xFFFF + 1
@@ -250,7 +270,34 @@ class Responder:
             if not sent.result():
                 running.cancelled.set()
 
+        query = running.query
+        storage = [pair for pair in query.accepted if pair[1] in TRANSFER_SYNTAXES]
         try:
+            node = self._nodes[query.node]
+            if (
+                query.operation == "get"
+                and node.c_get
+                and storage
+                and self.retrieve_handlers is not None
+            ):
+                self.gets_sent += 1
+                outcome = await asyncio.to_thread(
+                    scu.get,
+                    Model(model),
+                    identifier,
+                    storage=storage,
+                    evt_handlers=self.retrieve_handlers(running.message_id),
+                    on_progress=on_progress,
+                    cancelled=running.cancelled,
+                    message_id=running.message_id,
+                )
+                if outcome.from_peer or outcome.status != STATUS_NOT_ACCEPTED:
+                    return outcome
+                log.info(
+                    "local node has no C-GET; retrieving with C-MOVE",
+                    extra={"query_id": query.query_id, "node": query.node},
+                )
+            self.moves_sent += 1
             return await asyncio.to_thread(
                 scu.move,
                 Model(model),

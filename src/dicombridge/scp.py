@@ -349,7 +349,8 @@ def _receive_file(*args: Any, **kwargs: Any) -> Any:
 
 
 def _receive_into(event: evt.Event, directory: Path) -> None:
-    """Make the association of ``event`` write received data sets as ``_ReceiveFile``s.
+    """Make the association of ``event`` write received data sets as ``_ReceiveFile``s
+    (this SCP's associations, and those of a C-GET the gateway sends to a local node).
 
     Wraps its DIMSE provider's ``receive_primitive`` (called by the reader thread for
     each P-DATA) so that the factory above knows, in that thread, whose data set it is.
@@ -580,6 +581,19 @@ class StorageSCP:
                 assoc.join(timeout=1.0)  # time to send the 0xA700 answers
         ae.shutdown()
 
+    def retrieve_handlers(self, message_id: int) -> list[EventHandlerType]:
+        """Event handlers for an association on which the gateway is the C-GET SCU toward
+        a local node (PS3.4 C.4.3): the node's C-STOREs on it are received into
+        ``receive_dir``, checked and handed over exactly like those sent to this SCP, as
+        if sent to the gateway's own AE title (the association's calling AE title) by a
+        C-MOVE with Move Originator Message ID ``message_id``: that is how the callback
+        knows whose retrieve an instance belongs to."""
+
+        def on_c_store(event: evt.Event) -> Dataset:
+            return self._on_c_store(event, retrieve_message_id=message_id)
+
+        return [(evt.EVT_CONN_OPEN, self._on_conn_open), (evt.EVT_C_STORE, on_c_store)]
+
     def _on_conn_open(self, event: evt.Event) -> None:
         _receive_into(event, self.receive_dir)
 
@@ -596,12 +610,20 @@ class StorageSCP:
             return status_dataset(PROCESSING_FAILURE, "gateway error")
         return SUCCESS if answer is None else answer
 
-    def _on_c_store(self, event: evt.Event) -> Dataset:
-        """Check one C-STORE, hand it to the callback; never raises (pynetdicom thread)."""
+    def _on_c_store(self, event: evt.Event, *, retrieve_message_id: int | None = None) -> Dataset:
+        """Check one C-STORE, hand it to the callback; never raises (pynetdicom thread).
+
+        ``retrieve_message_id``: the C-STORE came on the gateway's own C-GET association
+        (``retrieve_handlers``), whose acceptor is the sender.
+        """
         sop_instance_uid = "?"
+        if retrieve_message_id is None:
+            calling, called = _calling(event), _called(event)
+        else:
+            calling, called = _called(event), _calling(event)
         try:
             sop_instance_uid = str(cast(C_STORE, event.request).AffectedSOPInstanceUID)
-            outcome = self._store(event)
+            outcome = self._store(event, calling, called, retrieve_message_id)
         except _Refused as refused:
             outcome = refused.outcome
         except Exception as exc:
@@ -613,14 +635,16 @@ class StorageSCP:
         log(
             "C-STORE %s from %r to %r: status 0x%04X%s",
             sop_instance_uid,
-            _calling(event),
-            _called(event),
+            calling,
+            called,
             outcome.status,
             f" ({outcome.error_comment})" if outcome.error_comment else "",
         )
         return _response(outcome)
 
-    def _store(self, event: evt.Event) -> StoreOutcome:
+    def _store(
+        self, event: evt.Event, calling: str, called: str, retrieve_message_id: int | None
+    ) -> StoreOutcome:
         request = cast(C_STORE, event.request)
         sop_class_uid = str(request.AffectedSOPClassUID)
         sop_instance_uid = str(request.AffectedSOPInstanceUID)
@@ -653,13 +677,15 @@ class StorageSCP:
             path=path,
             dataset_offset=offset,
             size_bytes=path.stat().st_size,
-            called_ae_title=_called(event),
-            calling_ae_title=_calling(event),
+            called_ae_title=called,
+            calling_ae_title=calling,
             sop_class_uid=sop_class_uid,
             sop_instance_uid=sop_instance_uid,
             transfer_syntax=transfer_syntax,
             move_originator_ae_title=_optional_text(request.MoveOriginatorApplicationEntityTitle),
-            move_originator_message_id=request.MoveOriginatorMessageID,
+            move_originator_message_id=request.MoveOriginatorMessageID
+            if retrieve_message_id is None
+            else retrieve_message_id,
         )
         return self._hand_over(instance)
 

@@ -1,7 +1,9 @@
-"""C-MOVE across sites: DCMTK movescu at site A asks gateway A, under the route's AE title,
-to move a study, a series or an instance held by B's Orthanc to a DCMTK storescp at A.
-Gateway B C-MOVEs from its Orthanc to itself and relays each instance back; gateway A
-stores it to the destination. The bytes are compared with the files B's Orthanc got."""
+"""C-MOVE and C-GET across sites: DCMTK movescu/getscu at site A asks gateway A, under the
+route's AE title, to retrieve a study, a series or an instance held by B's Orthanc, to a
+DCMTK storescp at A (C-MOVE) or onto getscu's own association (C-GET). Gateway B
+C-MOVEs from its Orthanc to itself (C-GET: C-GETs, proposing what getscu accepted) and
+relays each instance back; gateway A stores or sends it. The bytes are compared with the
+files B's Orthanc got."""
 
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from tests.pacskit import (
     dcmtk_storescu,
     fresh_copy,
     restricted_storescp_args,
+    shipped_file,
     wait_for,
 )
 from tests.qrkit import MR_IMAGE_STORAGE, WORKSTATION_AE, Patient, make_study, store
@@ -62,6 +65,20 @@ class Archive:
     mixed_mr: list[str]  # the MR instances' SOP Instance UIDs
     jpeg_study: str  # one JPEG Baseline instance
     jpeg_uid: str
+    j2k_study: str  # one JPEG 2000 Lossless instance (Orthanc 1.10 cannot transcode it)
+    j2k_uid: str
+
+
+def store_shipped(name: str, root: Path, pacs: OrthancServer) -> tuple[str, str]:
+    """A pydicom test file, in a study and series of its own, stored in ``pacs`` in its
+    own transfer syntax: its (Study, SOP Instance) UIDs."""
+    path = fresh_copy(name, root)
+    dataset = pydicom.dcmread(path)
+    dataset.StudyInstanceUID, dataset.SeriesInstanceUID = generate_uid(), generate_uid()
+    dataset.save_as(path, enforce_file_format=True)
+    sent = dcmtk_storescu(pacs.dicom_port, PACS_AE, path)
+    assert sent.returncode == 0, sent.stderr
+    return str(dataset.StudyInstanceUID), str(dataset.SOPInstanceUID)
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +107,8 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
         )
         store(paths + ct + mr, port=pacs.dicom_port, called_ae=PACS_AE)
         mixed_mr = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in mr]
-        jpeg = fresh_copy("SC_rgb_jpeg_dcmtk.dcm", root)
-        jpeg_ds = pydicom.dcmread(jpeg)
-        jpeg_ds.StudyInstanceUID, jpeg_ds.SeriesInstanceUID = generate_uid(), generate_uid()
-        jpeg_ds.save_as(jpeg, enforce_file_format=True)
-        sent = dcmtk_storescu(pacs.dicom_port, PACS_AE, jpeg)
-        assert sent.returncode == 0, sent.stderr
+        jpeg_study, jpeg_uid = store_shipped("SC_rgb_jpeg_dcmtk.dcm", root, pacs)
+        j2k_study, j2k_uid = store_shipped("MR_small_jp2klossless.dcm", root, pacs)
         files: dict[str, Path] = {}
         series: dict[str, list[str]] = {}
         study = ""
@@ -112,8 +125,10 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
             series,
             mixed_study,
             mixed_mr,
-            str(jpeg_ds.StudyInstanceUID),
-            str(jpeg_ds.SOPInstanceUID),
+            jpeg_study,
+            jpeg_uid,
+            j2k_study,
+            j2k_uid,
         )
     finally:
         pacs.stop()
@@ -141,8 +156,9 @@ def restricted(tmp_path: Path) -> Iterator[StoreSCPNode]:
     node.stop()
 
 
-@pytest.fixture
+@pytest.fixture(params=[True], ids=["c-get"])
 def two(  # noqa: PLR0917 - fixtures
+    request: pytest.FixtureRequest,
     tmp_path: Path,
     rabbitmq_node: BrokerNode,
     vhost: str,
@@ -151,13 +167,21 @@ def two(  # noqa: PLR0917 - fixtures
     destination: StoreSCPNode,
     restricted: StoreSCPNode,
 ) -> Iterator[TwoSites]:
+    """Sites A and B; B's PACS node has ``c_get`` as the test's parameter (default true:
+    B sends its PACS a C-GET for a C-GET; false: a C-MOVE to B's gateway)."""
     sites = make_two_sites(
         tmp_path,
         broker=rabbitmq_node,
         vhost=vhost,
         routes=[Route(ROUTE, "PACS")],
         nodes_b=[
-            LocalNode(name="PACS", ae_title=PACS_AE, host="127.0.0.1", port=archive.pacs.dicom_port)
+            LocalNode(
+                name="PACS",
+                ae_title=PACS_AE,
+                host="127.0.0.1",
+                port=archive.pacs.dicom_port,
+                c_get=request.param,
+            )
         ],
         nodes_a=[
             LocalNode(
@@ -392,6 +416,11 @@ async def test_get_returns_every_instance_on_the_requesters_association(
         )
         assert gateway_a.requester.open_sessions == 0
         assert gateway_a.deliverer.stored == 0  # nothing went to a local node
+        # B C-GETs from its PACS; the files its C-STOREs were received into are gone.
+        assert gateway_b.responder.gets_sent == 3
+        receive_dir = gateway_b.scp_settings().receive_dir
+        assert receive_dir is not None
+        assert not list(receive_dir.iterdir())
     assert study.final_status == 0x0000, study.output
     assert "Release Failed" not in study.output, study.output
     assert study.count("Completed") == len(archive.files)
@@ -410,12 +439,12 @@ async def test_get_returns_every_instance_on_the_requesters_association(
     assert dataset_bytes(got) == dataset_bytes(archive.files[single_uid])
 
 
-async def test_get_counts_an_instance_no_accepted_context_carries_as_failed(
+async def test_get_has_b_pacs_transcode_to_a_syntax_the_requester_accepted(
     two: TwoSites, archive: Archive, tmp_path: Path
 ) -> None:
-    """getscu accepts uncompressed transfer syntaxes only; the instance is JPEG Baseline:
-    it cannot be sent on its association, so it is counted failed (0xA702, its UID in the
-    Failed SOP Instance UID List), not dropped silently, and B gets its receipt."""
+    """getscu accepts uncompressed transfer syntaxes only; the instance is JPEG Baseline in
+    B's Orthanc. B's gateway C-GETs from Orthanc proposing exactly what getscu accepted,
+    Orthanc transcodes, and the instance arrives uncompressed: success, not a failure."""
     async with running_gateways(two.config_a, two.config_b) as (_, gateway_b):
         result = await asyncio.to_thread(
             getscu, two.port_a, tmp_path / "jpeg", "STUDY", StudyInstanceUID=archive.jpeg_study
@@ -423,6 +452,56 @@ async def test_get_counts_an_instance_no_accepted_context_carries_as_failed(
         await asyncio.to_thread(
             wait_for, lambda: not gateway_b.outbox.entries(), timeout_s=30, what="B's outbox"
         )
+        assert (gateway_b.responder.gets_sent, gateway_b.responder.moves_sent) == (1, 0)
+    assert result.final_status == 0x0000, result.output
+    assert result.count("Completed") == 1
+    (got,) = (tmp_path / "jpeg").iterdir()
+    dataset = pydicom.dcmread(got)
+    assert str(dataset.SOPInstanceUID) == archive.jpeg_uid
+    arrived = re.findall(r'TransferSyntax="([^"]+)"', result.output)
+    assert arrived, result.output
+    assert all("Little Endian" in syntax for syntax in arrived), arrived
+    # Native pixel data now, the image's size unchanged.
+    original = pydicom.dcmread(shipped_file("SC_rgb_jpeg_dcmtk.dcm"))
+    assert (dataset.Rows, dataset.Columns) == (original.Rows, original.Columns)
+    frame_bytes = dataset.Rows * dataset.Columns * dataset.SamplesPerPixel
+    assert len(dataset.PixelData) == frame_bytes * dataset.BitsAllocated // 8
+
+
+async def test_get_counts_an_instance_b_pacs_cannot_transcode_as_failed(
+    two: TwoSites, archive: Archive, tmp_path: Path
+) -> None:
+    """The instance is JPEG 2000 in B's Orthanc, which cannot transcode it to the
+    uncompressed syntaxes getscu accepts: Orthanc counts it failed, and so does the
+    final response getscu gets (a failure status, not success); nothing is written."""
+    async with running_gateways(two.config_a, two.config_b) as (_, gateway_b):
+        result = await asyncio.to_thread(
+            getscu, two.port_a, tmp_path / "j2k", "STUDY", StudyInstanceUID=archive.j2k_study
+        )
+        assert gateway_b.outbox.entries() == []
+    assert result.final_status is not None, result.output
+    assert result.final_status not in (0x0000, 0xFE00, 0xFF00), result.output
+    assert result.count("Failed") == 1
+    assert result.count("Completed") == 0
+    assert not list((tmp_path / "j2k").iterdir())
+
+
+@pytest.mark.parametrize("two", [False], ids=["c-move"], indirect=True)
+async def test_get_from_a_pacs_without_c_get_counts_what_no_accepted_context_carries_as_failed(
+    two: TwoSites, archive: Archive, tmp_path: Path
+) -> None:
+    """B's PACS node says ``c_get = false``: B C-MOVEs the JPEG Baseline instance to itself
+    and relays it as it is. getscu accepts uncompressed syntaxes only, and A does not
+    decompress: the instance is counted failed (0xA702, its UID in the Failed SOP
+    Instance UID List), not dropped silently, and B gets its receipt."""
+    async with running_gateways(two.config_a, two.config_b) as (_, gateway_b):
+        result = await asyncio.to_thread(
+            getscu, two.port_a, tmp_path / "jpeg", "STUDY", StudyInstanceUID=archive.jpeg_study
+        )
+        await asyncio.to_thread(
+            wait_for, lambda: not gateway_b.outbox.entries(), timeout_s=30, what="B's outbox"
+        )
+        assert (gateway_b.responder.gets_sent, gateway_b.responder.moves_sent) == (0, 1)
     assert result.final_status == 0xA702, result.output
     assert result.count("Failed") == 1
     # getscu does not print the final response's data set; that it has one (the Failed
@@ -431,11 +510,13 @@ async def test_get_counts_an_instance_no_accepted_context_carries_as_failed(
     assert not list((tmp_path / "jpeg").iterdir())
 
 
+@pytest.mark.parametrize("two", [True, False], ids=["c-get", "c-move"], indirect=True)
 async def test_get_converts_an_uncompressed_instance_to_the_syntax_the_requester_accepted(
     two: TwoSites, archive: Archive, tmp_path: Path
 ) -> None:
     """getscu accepts Implicit VR Little Endian only; the instances are Explicit VR Little
-    Endian: they are converted (same values), not refused."""
+    Endian: they are converted (same values), not refused, by B's PACS (C-GET from B) or
+    by gateway A (a PACS node with ``c_get = false``)."""
     first_series = next(iter(archive.series))
     expected = archive.series[first_series]
     async with running_gateways(two.config_a, two.config_b):
