@@ -19,7 +19,7 @@ from dicombridge.config import LocalNode
 from dicombridge.management import ManagementClient
 from dicombridge.orthanc import DicomModality, OrthancServer, OrthancSettings, free_port
 from dicombridge.rabbitmq import BrokerNode
-from tests.pacskit import wait_for
+from tests.pacskit import dcmtk_storescu, wait_for
 from tests.qrkit import (
     RETRIEVE_AE_TITLE,
     WORKSTATION_AE,
@@ -36,6 +36,7 @@ from tests.relaykit import (
     GATEWAY_B_AE_TITLE,
     Route,
     TwoSites,
+    big_multiframe,
     delete_users,
     make_two_sites,
     running_gateways,
@@ -47,6 +48,7 @@ PACS_AE: Final = "PACS"
 ROUTE: Final = "SITE_B"
 ROUTE_DOWN: Final = "SITE_B_DOWN"  # leads to a node at B where nothing listens
 BIG_STUDY_SIZE: Final = 300
+BIG_FRAMES: Final = 256  # 128 MiB of Pixel Data in one instance
 MUELLER = Patient("Müller^Jürgen", "P-100", "ISO_IR 100")
 YAMADA = Patient("Yamada^Tarou=山田^太郎=やまだ^たろう", "P-200", "ISO_IR 192")
 SMITH = Patient("Smith^John", "P-300", "ISO_IR 100")
@@ -345,6 +347,62 @@ async def test_first_match_arrives_before_the_last_is_found(
         result = await task
     assert len(result.responses) == BIG_STUDY_SIZE
     assert gateway_b.responder.responses_sent == BIG_STUDY_SIZE + 1
+
+
+async def test_find_is_answered_while_a_large_instance_is_still_arriving_on_the_route(
+    sites: Callable[..., TwoSites], archive: Archive, tmp_path: Path
+) -> None:
+    """Control apart from bulk: a 128 MiB instance is sent to B while B is down, so all its
+    fragments wait on B's queue; B starts and a C-FIND is sent at once. The C-FIND is
+    answered, with the matches a direct query gets, while B is still taking those
+    fragments in: queries travel on their own queue and connection, not behind bulk."""
+    two = sites()
+    big = tmp_path / "big.dcm"
+    big_multiframe(big, frames=BIG_FRAMES)
+    async with running_gateways(two.config_a) as (gateway_a,):
+        # To B's node that is down: the instance is never delivered during the test.
+        sent = await asyncio.to_thread(dcmtk_storescu, two.port_a, ROUTE_DOWN, big)
+        assert sent.returncode == 0, sent.stderr
+        await asyncio.to_thread(
+            wait_for,
+            lambda: [entry.published for entry in gateway_a.outbox.entries()] == [True],
+            timeout_s=300,
+            what="the large instance to be published",
+        )
+        (entry,) = gateway_a.outbox.entries()
+        transfer_id, fragment_count = entry.transfer.transfer_id, entry.transfer.fragment_count
+        big.unlink()
+        async with running_gateways(two.config_b) as (gateway_b,):
+            relay = await find(
+                two,
+                tmp_path,
+                "busy",
+                "study",
+                "STUDY",
+                PatientID=SMITH.patient_id,
+                StudyInstanceUID="",
+                StudyDate="",
+            )
+            # What B had of the large instance when the find's final answer came.
+            spooled = gateway_b.receiver.spool.state(two.site_a, transfer_id).fragments_present
+            done = (gateway_b.receiver.done / two.site_a / transfer_id.hex()).exists()
+    direct = await find(
+        two,
+        tmp_path,
+        "busy",
+        "study",
+        "STUDY",
+        via_relay=False,
+        archive=archive,
+        PatientID=SMITH.patient_id,
+        StudyInstanceUID="",
+        StudyDate="",
+    )
+    assert relay.final_status == 0x0000, relay.output
+    assert answers(relay) == answers(direct)
+    assert sum(answers(relay).values()) == len(archive.studies[SMITH.patient_id])
+    assert not done
+    assert spooled < fragment_count, (spooled, fragment_count)
 
 
 async def test_c_cancel_stops_the_remote_query(
