@@ -49,9 +49,12 @@ faults: deps venv
 demo: deps venv
 	$(BIN)/python -m dicombridge.demo
 
-# Figures, never asserted in tests: printed and written to bench-results/.
+# Figures, never asserted in tests: printed and written to bench-results/. The WAN
+# benchmark makes network namespaces and needs root.
 bench: deps venv
 	$(BIN)/python bench/transfer_core.py
+	$(BIN)/python bench/relay_compare.py
+	$(BIN)/python bench/wan.py
 	$(BIN)/python bench/query_retrieve.py
 
 clean:

@@ -120,6 +120,9 @@ class OrthancSettings:
     # Logs association events (AE titles, IPs; no PHI, Orthanc de-identifies its logs).
     verbose_dicom: bool = False
     dicom_scp_timeout_s: int = 30
+    # Seconds without a new instance before a patient, study or series is "stable"
+    # (Lua ``OnStableStudy``); Orthanc's default is 60.
+    stable_age_s: int = 60
     sync_storage: bool = True
     # Append the SOP Instance UID of every C-STORE received, stored or not (an Orthanc
     # ignores an instance it holds already), to ``received.log``: duplicates show there.
@@ -422,6 +425,7 @@ def render(
         "DicomAlwaysAllowStore": True,
         "DicomCheckModalityHost": False,
         "DicomScpTimeout": settings.dicom_scp_timeout_s,
+        "StableAge": settings.stable_age_s,
         "AcceptedTransferSyntaxes": ["1.2.840.10008.1.*"],
         "UnknownSopClassAccepted": settings.unknown_sop_class_accepted,
         "DicomModalities": {
@@ -551,6 +555,12 @@ class OrthancClient:
 
     def delete_instance(self, orthanc_id: str) -> None:
         self._request("DELETE", f"/instances/{orthanc_id}")
+
+    def delete_everything(self) -> None:
+        """Delete every patient, with its studies and instances (benchmarks start empty)."""
+        patients: list[str] = self._json("GET", "/patients")
+        for orthanc_id in patients:
+            self._request("DELETE", f"/patients/{orthanc_id}")
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
         response = self._request(method, path, **kwargs)
