@@ -70,6 +70,11 @@ def dataset_bytes(path: Path) -> bytes:
     return path.read_bytes()[dataset_offset(path) :]
 
 
+def read_source(source: Path | bytes) -> bytes:
+    """A received instance's Part 10 file, whether it stayed in memory or went to disk."""
+    return source if isinstance(source, bytes) else source.read_bytes()
+
+
 def crafted_file(
     directory: Path,
     *,

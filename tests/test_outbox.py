@@ -297,18 +297,43 @@ def test_disk_full_after_the_fragments_fit_leaves_no_entry(
     cause = info.value.__cause__
     assert cause is not None
     failed_in = [frame.name for frame in traceback.extract_tb(cause.__traceback__)]
-    assert "write_durably" in failed_in  # the manifest (or a file after it), not fragments.bin
+    assert "write_new_durably" in failed_in  # the manifest (or a file after it), not fragments.bin
     assert outbox_files(small_outbox_disk) == ["filler"]
     assert outbox.count == 0
+
+
+def test_state_is_updated_in_place_even_on_a_full_disk(
+    fed: Federation, tmp_path: Path, small_outbox_disk: Path
+) -> None:
+    """The state file is created padded and rewritten in place: marking an entry
+    published needs no new file and no new block, so it works on a full disk too, and
+    leaves no temporary file."""
+    outbox = Outbox(small_outbox_disk, max_bytes=10**9, max_count=100)
+    sealed = admit(outbox, fed, tmp_path, 10_000)
+    inode = (sealed.path / "state.json").stat().st_ino
+    fill_disk(small_outbox_disk)
+    outbox.mark_published(sealed.transfer_id_hex)
+    entry = outbox.get(sealed.transfer_id_hex)
+    assert entry is not None
+    assert entry.published
+    assert (sealed.path / "state.json").stat().st_ino == inode
+    assert sorted(p.name for p in sealed.path.iterdir()) == [
+        "fragments.bin",
+        "manifest.msg",
+        "state.json",
+        "transfer.json",
+    ]
 
 
 def test_state_not_saved_on_a_full_disk_keeps_the_entry(
     fed: Federation, tmp_path: Path, small_outbox_disk: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Marking an entry published on a full disk logs the error and goes on: the entry
-    stays whole with its old state (published again at the next start), no temp file."""
+    """A state that does not fit in place (here: an unpadded state file) is replaced by a
+    new file; on a full disk that fails, is logged, and the entry stays whole with its
+    old state (published again at the next start), no temp file."""
     outbox = Outbox(small_outbox_disk, max_bytes=10**9, max_count=100)
     sealed = admit(outbox, fed, tmp_path, 10_000)
+    (sealed.path / "state.json").write_text(json.dumps({"attempts": 0}))
     fill_disk(small_outbox_disk)
     with caplog.at_level(logging.ERROR, logger="dicombridge.outbox"):
         outbox.mark_published(sealed.transfer_id_hex)

@@ -25,11 +25,13 @@ from dicombridge.scp import (
     CANNOT_UNDERSTAND,
     DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
     OUT_OF_RESOURCES,
+    RECEIVE_PREFIX,
     SUCCESS,
     ReceivedInstance,
     ScpSettings,
     StorageSCP,
     StoreOutcome,
+    dataset_offset,
 )
 from tests.dicomkit import (
     PHI_MARKER,
@@ -40,10 +42,12 @@ from tests.dicomkit import (
     encode_explicit_le,
     fresh_copy,
     pynetdicom_store,
+    read_source,
     recv_exactly,
     recv_until_closed,
     run_dcmtk,
 )
+from tests.relaykit import ct_series
 
 ROUTE_A = "SITE_B"
 ROUTE_B = "SITE_C"
@@ -111,7 +115,7 @@ async def gateway(caplog: pytest.LogCaptureFixture) -> AsyncIterator[Gateway]:
 
     async def on_store(instance: ReceivedInstance) -> StoreOutcome:
         gw = holder[0]
-        gw.received.append(Received(instance, instance.path.read_bytes()))
+        gw.received.append(Received(instance, read_source(instance.source)))
         if gw.behaviour is not None:
             return await gw.behaviour(instance)
         return StoreOutcome(SUCCESS)
@@ -503,6 +507,43 @@ async def test_callback_timeout_answers_out_of_resources(tmp_path: Path) -> None
         release.set()
     assert status.Status == OUT_OF_RESOURCES
     assert "in time" in status.ErrorComment
+
+
+async def test_small_data_sets_stay_in_memory_and_large_ones_go_to_disk(
+    tmp_path: Path,
+) -> None:
+    """Up to ``receive_in_memory_bytes`` a data set is handed over as bytes and no file is
+    ever created for it; a larger one arrives in a file in ``receive_dir``, removed once
+    the callback returned. Both carry the bytes as sent."""
+    receive_dir = tmp_path / "receiving"
+    seen: list[tuple[type, bytes, list[str]]] = []
+
+    async def on_store(instance: ReceivedInstance) -> StoreOutcome:
+        files = sorted(p.name for p in receive_dir.iterdir())
+        seen.append((type(instance.source), read_source(instance.source), files))
+        return StoreOutcome(SUCCESS)
+
+    small = fresh_copy("CT_small.dcm", tmp_path)  # about 39 KiB
+    large = ct_series(tmp_path / "large", 1, rows=256, columns=256)[0]  # about 130 KiB
+    settings = ScpSettings(
+        host="127.0.0.1", port=0, receive_dir=receive_dir, receive_in_memory_bytes=64 * 1024
+    )
+    async with StorageSCP(
+        policy=AcceptancePolicy.of([ROUTE_A]), on_store=on_store, settings=settings
+    ) as scp:
+        for path in (small, large):
+            status = await asyncio.to_thread(pynetdicom_store, scp.port, ROUTE_A, path)
+            assert status.Status == SUCCESS
+        assert list(receive_dir.iterdir()) == []
+    (small_type, small_bytes, small_files), (large_type, large_bytes, large_files) = seen
+    assert small_type is bytes
+    assert small_files == []
+    assert large_type is not bytes
+    assert len(large_files) == 1
+    assert large_files[0].startswith(RECEIVE_PREFIX)
+    for path, got in ((small, small_bytes), (large, large_bytes)):
+        offset = dataset_offset(got)
+        assert got[offset:] == dataset_bytes(path), path.name
 
 
 def _hold_association(port: int, ready: threading.Event) -> bytes:

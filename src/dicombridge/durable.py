@@ -67,3 +67,62 @@ def write_durably(path: Path, data: bytes, *, mode: int = 0o644) -> None:
             tmp.unlink()
         raise
     fsync_dir(path.parent)
+
+
+def write_new_durably(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Create ``path`` (it must not exist) with ``data`` and fsync it, without a rename.
+
+    For files in a directory that becomes visible whole by a rename: fsync that directory
+    (``fsync_dir``) once its files are written, then rename it and fsync its parent.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def write_atomically(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` atomically (temporary file, rename), not fsynced.
+
+    A reader sees the old or the new content, never a mix, and a process crash keeps
+    whichever the rename left. A power loss may bring the old content back: only for
+    state whose loss is harmless (it is redone, and the redo is idempotent).
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def rewrite_in_place(path: Path, data: bytes) -> bool:
+    """Overwrite the start of the existing file ``path`` with ``data`` in one ``pwrite``,
+    without creating a file; False (nothing written) if ``data`` is longer than the file.
+
+    For small state files created at a fixed padded size (``pad``): one write of the
+    whole content, never fsynced, so a process crash leaves the old or the new state.
+    A power loss may tear it: only for state whose loss is harmless (it is redone, and
+    the redo is idempotent), and whose reader treats an unreadable file as lost.
+    """
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        if len(data) > os.fstat(fd).st_size:
+            return False
+        os.pwrite(fd, data, 0)
+    finally:
+        os.close(fd)
+    return True
+
+
+def pad(data: bytes, block: int, filler: bytes = b" ") -> bytes:
+    """``data`` padded with ``filler`` to a multiple of ``block`` bytes (at least one)."""
+    size = max(block, -(-len(data) // block) * block)
+    return data + filler * (size - len(data))

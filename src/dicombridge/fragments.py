@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ from typing import Any, Final
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from dicombridge.durable import fsync_dir, write_durably
+from dicombridge.durable import fsync_dir, write_new_durably
 from dicombridge.envelope import (
     CONTENT_KEY_BYTES,
     DEFAULT_FRAGMENT_SIZE,
@@ -129,7 +130,7 @@ class SealedTransfer:
 
 
 def seal_file(
-    source: Path,
+    source: Path | bytes,
     parent: Path,
     *,
     sender: Sender,
@@ -139,7 +140,8 @@ def seal_file(
     transfer_id: bytes | None = None,
     extra_files: Mapping[str, bytes] | None = None,
 ) -> SealedTransfer:
-    """Seal ``source`` for ``recipient`` into a new directory under ``parent``.
+    """Seal ``source`` (a file, or its bytes) for ``recipient`` into a new directory
+    under ``parent``.
 
     One pass over the file: each chunk is hashed and encrypted under a fresh content key
     and appended to ``fragments.bin``; the manifest, which needs the hash, is sealed last.
@@ -153,7 +155,8 @@ def seal_file(
     if not 1 <= fragment_size <= MAX_FRAGMENT_SIZE:
         raise ValueError(f"fragment_size must be 1..{MAX_FRAGMENT_SIZE} bytes")
     transfer_id = transfer_id or new_id()
-    total_length = source.stat().st_size
+    total_length = len(source) if isinstance(source, bytes) else source.stat().st_size
+    what = "the instance" if isinstance(source, bytes) else str(source)
     count = fragment_count_for(total_length, fragment_size)
     content_key = AESGCM.generate_key(bit_length=CONTENT_KEY_BYTES * 8)
     aead = AESGCM(content_key)
@@ -163,15 +166,18 @@ def seal_file(
     digest = hashlib.sha256()
     renamed = False
     try:
-        with open(source, "rb") as src, open(work / FRAGMENTS_FILE, "wb") as out:
+        with (
+            io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb") as src,
+            open(work / FRAGMENTS_FILE, "wb") as out,
+        ):
             for index in range(count):
                 chunk = src.read(fragment_size)
                 if len(chunk) != min(fragment_size, total_length - index * fragment_size):
-                    raise EnvelopeError(f"{source} changed size while it was being sealed")
+                    raise EnvelopeError(f"{what} changed size while it was being sealed")
                 digest.update(chunk)
                 out.write(seal_fragment(aead, transfer_id, index, count, chunk))
             if src.read(1):
-                raise EnvelopeError(f"{source} grew while it was being sealed")
+                raise EnvelopeError(f"{what} grew while it was being sealed")
             out.flush()
             os.fsync(out.fileno())
         manifest = Manifest(
@@ -195,7 +201,7 @@ def seal_file(
             recipient_site=recipient.site_id,
             recipient_key=recipient.kem_key,
         )
-        write_durably(work / MANIFEST_FILE, body)
+        write_new_durably(work / MANIFEST_FILE, body)
         info = {
             "transfer_id": transfer_id.hex(),
             "recipient_site": recipient.site_id,
@@ -206,8 +212,10 @@ def seal_file(
             "total_length": total_length,
         }
         for name, data in (extra_files or {}).items():
-            write_durably(work / name, data)
-        write_durably(work / TRANSFER_FILE, json.dumps(info, indent=1).encode())
+            write_new_durably(work / name, data)
+        write_new_durably(work / TRANSFER_FILE, json.dumps(info, indent=1).encode())
+        # Each file is fsynced; their names in the directory once, before it appears.
+        fsync_dir(work)
         os.replace(work, target)
         renamed = True
         fsync_dir(parent)

@@ -194,7 +194,7 @@ class Gateway:
         admission = asyncio.ensure_future(
             asyncio.to_thread(
                 self.outbox.admit,
-                instance.path,
+                instance.source,
                 sender=self.site.sender,
                 directory=self.site.directory,
                 site=to_site,

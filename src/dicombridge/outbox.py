@@ -30,7 +30,13 @@ from typing import Any, Final
 
 from dicombridge.control import Receipt
 from dicombridge.directory import Directory
-from dicombridge.durable import free_bytes, fsync_dir, is_disk_full, write_durably
+from dicombridge.durable import (
+    free_bytes,
+    is_disk_full,
+    pad,
+    rewrite_in_place,
+    write_atomically,
+)
 from dicombridge.envelope import Sender, sealed_fragment_bytes
 from dicombridge.errors import KeyMaterialError, OutboxDiskFullError, OutboxFullError
 from dicombridge.fragments import TRANSFER_FILE, Recipient, SealedTransfer, seal_file
@@ -39,6 +45,7 @@ from dicombridge.keys import newest_valid, utc_now
 log = logging.getLogger(__name__)
 
 STATE_FILE: Final = "state.json"
+STATE_BLOCK: Final = 1024
 
 
 @dataclass(frozen=True)
@@ -103,7 +110,7 @@ class Outbox:
 
     def admit(
         self,
-        source: Path,
+        source: Path | bytes,
         *,
         sender: Sender,
         directory: Directory,
@@ -112,13 +119,14 @@ class Outbox:
         meta: dict[str, Any],
         retrieve: str | None = None,
     ) -> SealedTransfer:
-        """Seal ``source`` for ``site`` into the outbox, durably; raise if a cap is reached.
+        """Seal ``source`` (a file, or its bytes) for ``site`` into the outbox, durably;
+        raise if a cap is reached.
 
         ``retrieve`` marks an instance sent back for another site's retrieve (its query id,
         opaque): any final receipt ends such an entry, since the instance is still in the
         PACS here and the retrieve is over.
         """
-        size = source.stat().st_size
+        size = len(source) if isinstance(source, bytes) else source.stat().st_size
         estimate = size + sealed_fragment_bytes(0) * (size // fragment_size + 1) + 4096
         with self._lock:
             if self.count + 1 > self.max_count:
@@ -265,7 +273,9 @@ class Outbox:
             os.replace(path, trash)
         except FileNotFoundError:
             return
-        fsync_dir(self.root)
+        # Not fsynced: a power loss may bring the entry back whole, and a whole entry is
+        # published again after ``resend_after_s``; its recipient answers the re-send with
+        # the receipt it recorded, and the entry ends again.
         shutil.rmtree(trash, ignore_errors=True)
 
     @staticmethod
@@ -282,10 +292,16 @@ class Outbox:
         The entry itself is whole, and its state only says what was done with it: with
         the old state a published entry is published again at the next start, or a
         failed receipt is asked for again by a re-send (both dropped as duplicates by the
-        recipient), so this never stops the publisher or the receipt consumer.
+        recipient), so this never stops the publisher or the receipt consumer. For the
+        same reason the state is not fsynced: a power loss that brings the old state back
+        (or leaves it unreadable: read as no state) costs a re-send, not an instance. It
+        is rewritten in place (the file is created padded, see ``_encode_state``): no new
+        file per update, which on ext4 without a journal costs more than the write.
         """
+        data = _encode_state(state)
         try:
-            write_durably(path / STATE_FILE, _encode_state(state))
+            if not rewrite_in_place(path / STATE_FILE, data):
+                write_atomically(path / STATE_FILE, data)
         except OSError as exc:
             if not is_disk_full(exc):
                 raise
@@ -300,4 +316,6 @@ class Outbox:
 
 
 def _encode_state(state: dict[str, Any]) -> bytes:
-    return json.dumps(state, indent=1).encode()
+    """JSON padded with spaces to a multiple of ``STATE_BLOCK`` bytes (JSON allows
+    trailing whitespace), so that an update of the same size fits in place."""
+    return pad(json.dumps(state, indent=1).encode(), STATE_BLOCK)

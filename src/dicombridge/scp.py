@@ -25,13 +25,17 @@ Statuses (PS3.4 Table B.2-1, PS3.7 C.4.2.1.4 for the Error Comment):
 
 pynetdicom writes each received data set to a temporary file from the association's
 reader thread, and an error there (ENOSPC) aborts the association and leaves the partial
-file behind. For the associations of this SCP the temporary file is a ``_ReceiveFile`` in
-``ScpSettings.receive_dir``: a write that fails removes the file at once, swallows the
-rest of the data set, and the C-STORE is answered 0xA700 with an Error Comment saying the
-gateway's disk is full; the association goes on, and the next C-STORE after space is
-freed succeeds. (pynetdicom's ``dimse_messages.NamedTemporaryFile`` is replaced by a
-factory that gives such a file only inside this SCP's associations, and pynetdicom's own
-file everywhere else: the version is pinned, see ``acceptance``.)
+file behind. For the associations of this SCP the temporary file is a ``_ReceiveFile``:
+a data set up to ``ScpSettings.receive_in_memory_bytes`` (with its file meta) stays in
+memory and never touches the disk (plaintext PHI is not written at all, and creating and
+deleting a file per instance is what costs most on some file systems); a larger one goes
+to a file in ``ScpSettings.receive_dir``. A write there that fails removes the file at
+once, swallows the rest of the data set, and the C-STORE is answered 0xA700 with an
+Error Comment saying the gateway's disk is full; the association goes on, and the next
+C-STORE after space is freed succeeds. (pynetdicom's
+``dimse_messages.NamedTemporaryFile`` is replaced by a factory that gives such a file
+only inside this SCP's associations, and pynetdicom's own file everywhere else: the
+version is pinned, see ``acceptance``.)
 
 pynetdicom runs handlers in its association threads; they hand work to the loop with
 ``asyncio.run_coroutine_threadsafe`` and never let an exception escape to pynetdicom. Logs
@@ -155,18 +159,19 @@ RECEIVE_DISK_FULL_COMMENT: Final = "dicombridge gateway receive disk full; retry
 class ReceivedInstance:
     """One instance received by C-STORE and accepted by the edge checks.
 
-    ``path`` is a DICOM Part 10 file: 128-byte preamble, ``DICM``, File Meta Information
-    that pynetdicom writes from the command (Media Storage SOP Class/Instance UID = the
-    Affected ones, Transfer Syntax UID = the presentation context's, pynetdicom's
-    implementation UID and version), then, from ``dataset_offset`` to the end, the data
-    set bytes exactly as received on the wire. A modality sends no file meta over the
-    network, so those bytes are all there is to relay bit for bit.
+    ``source`` is a DICOM Part 10 file, in memory (``bytes``) or on disk (``Path``): a
+    128-byte preamble, ``DICM``, File Meta Information that pynetdicom writes from the
+    command (Media Storage SOP Class/Instance UID = the Affected ones, Transfer Syntax UID
+    = the presentation context's, pynetdicom's implementation UID and version), then, from
+    ``dataset_offset`` to the end, the data set bytes exactly as received on the wire. A
+    modality sends no file meta over the network, so those bytes are all there is to
+    relay bit for bit.
 
-    The file belongs to pynetdicom and is deleted when the callback returns: the callback
-    must move (``os.replace`` on one file system) or copy it before returning.
+    A file belongs to pynetdicom and is deleted when the callback returns: the callback
+    must copy (or seal) it before returning.
     """
 
-    path: Path
+    source: Path | bytes
     dataset_offset: int
     size_bytes: int
     called_ae_title: str
@@ -198,9 +203,11 @@ class ScpSettings:
     to 16 KiB-4 MiB and enforced on read. ``callback_timeout_s`` bounds how long a C-STORE
     waits for the callback before answering 0xA700; keep it below the modalities' DIMSE
     timeout. ``shutdown_grace_s`` is how long stopping waits for open associations to end
-    before aborting them. ``receive_dir`` is where received data sets are written while
-    they arrive (``None``: the system's temporary directory); a directory given here
-    belongs to this SCP, which removes leftovers of an earlier run from it at start.
+    before aborting them. ``receive_dir`` is where received data sets larger than
+    ``receive_in_memory_bytes`` are written while they arrive (``None``: the system's
+    temporary directory; smaller ones stay in memory, at most that much per association);
+    a directory given here belongs to this SCP, which removes leftovers of an earlier run
+    from it at start.
     """
 
     host: str = "0.0.0.0"  # noqa: S104  # the SCP serves the hospital network
@@ -213,6 +220,7 @@ class ScpSettings:
     callback_timeout_s: float = 50.0
     shutdown_grace_s: float = 10.0
     receive_dir: Path | None = None
+    receive_in_memory_bytes: int = 8 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if not MINIMUM_PDU_SIZE <= self.maximum_pdu_size <= MAXIMUM_PDU_SIZE:
@@ -224,6 +232,8 @@ class ScpSettings:
             raise ValueError(f"port {self.port} must be between 0 and 65535")
         if self.maximum_associations < 1:
             raise ValueError("maximum_associations must be at least 1")
+        if self.receive_in_memory_bytes < 0:
+            raise ValueError("receive_in_memory_bytes must not be negative")
         timeouts = (
             self.acse_timeout_s,
             self.dimse_timeout_s,
@@ -260,38 +270,47 @@ def _configure_pynetdicom() -> None:
 
 
 class _ReceiveFile:
-    """The file one C-STORE's data set is written to as it arrives, that survives a full disk.
+    """Where one C-STORE's data set goes as it arrives: memory up to ``memory_limit``
+    bytes, then a file in ``directory``; it survives a full disk.
 
-    pynetdicom (``DIMSEMessage.decode_msg``, in the association's reader thread) calls
-    ``write``, ``file.flush``, then, after the C-STORE handler, ``close`` and
-    ``os.unlink(name)``. An error escaping from there would abort the association, so a
-    failed write (ENOSPC) is kept in ``error`` instead: the partial file is removed at
-    once, freeing its space, the rest of the data set is dropped, and the handler answers
-    0xA700.
+    pynetdicom (``DIMSEMessage.decode_msg``, in the association's reader thread) takes
+    ``name`` once, calls ``write`` and ``file.flush`` as the data set arrives, then, after
+    the C-STORE handler, ``close`` and ``os.unlink(name)`` (which fails harmlessly when
+    everything stayed in memory: nothing was created under that unique name). An error
+    escaping from there would abort the association, so a failed write (ENOSPC) is kept
+    in ``error`` instead: the partial file is removed at once, freeing its space, the rest
+    of the data set is dropped, and the handler answers 0xA700.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, memory_limit: int) -> None:
         self.directory = directory
         self.error: OSError | None = None
         self._lock = threading.Lock()
+        self._memory: bytearray | None = bytearray()
+        self._memory_limit = memory_limit
         self._handle: IO[bytes] | None = None
-        try:
-            fd, name = tempfile.mkstemp(prefix=RECEIVE_PREFIX, suffix=".dcm", dir=directory)
-        except OSError as exc:
-            self.name = str(directory / f"{RECEIVE_PREFIX}not-created.dcm")
-            self.error = exc
-            return
-        self.name = name
-        self._handle = os.fdopen(fd, "wb")
+        self.name = str(directory / f"{RECEIVE_PREFIX}{os.urandom(12).hex()}.dcm")
 
     @property
     def file(self) -> _ReceiveFile:
         """pynetdicom flushes ``NamedTemporaryFile.file``; this is both."""
         return self
 
+    @property
+    def in_memory(self) -> bytes | None:
+        """The whole data set with its file meta, if it stayed in memory."""
+        with self._lock:
+            return None if self._memory is None or self.error else bytes(self._memory)
+
     def write(self, data: bytes) -> int:
         with self._lock:
-            if self._handle is not None:
+            memory = self._memory
+            if memory is not None and len(memory) + len(data) <= self._memory_limit:
+                memory += data
+            elif memory is not None:
+                self._memory = None
+                self._spill(bytes(memory) + data)
+            elif self._handle is not None:
                 try:
                     self._handle.write(data)
                 except OSError as exc:
@@ -308,6 +327,7 @@ class _ReceiveFile:
 
     def close(self) -> None:
         with self._lock:
+            self._memory = None
             handle, self._handle = self._handle, None
             if handle is not None:
                 try:
@@ -315,6 +335,19 @@ class _ReceiveFile:
                 except OSError as exc:
                     self.error = exc
                     self._remove()
+
+    def _spill(self, data: bytes) -> None:
+        """Go on in a file under ``name``, starting with ``data`` (lock held)."""
+        try:
+            fd = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            self.error = exc
+            return
+        self._handle = os.fdopen(fd, "wb")
+        try:
+            self._handle.write(data)
+        except OSError as exc:
+            self._fail(exc)
 
     def _fail(self, exc: OSError) -> None:
         """Keep the first error, drop the handle and the partial file (lock held)."""
@@ -333,8 +366,9 @@ class _ReceiveFile:
 class _ReceiveContext:
     """Where the association being read writes its data sets (set around its reads)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, memory_limit: int) -> None:
         self.directory = directory
+        self.memory_limit = memory_limit
 
 
 _receiving = threading.local()
@@ -345,10 +379,10 @@ def _receive_file(*args: Any, **kwargs: Any) -> Any:
     context: _ReceiveContext | None = getattr(_receiving, "context", None)
     if context is None:
         return tempfile.NamedTemporaryFile(*args, **kwargs)
-    return _ReceiveFile(context.directory)
+    return _ReceiveFile(context.directory, context.memory_limit)
 
 
-def _receive_into(event: evt.Event, directory: Path) -> None:
+def _receive_into(event: evt.Event, directory: Path, memory_limit: int) -> None:
     """Make the association of ``event`` write received data sets as ``_ReceiveFile``s
     (this SCP's associations, and those of a C-GET the gateway sends to a local node).
 
@@ -357,7 +391,7 @@ def _receive_into(event: evt.Event, directory: Path) -> None:
     """
     dimse = event.assoc.dimse
     receive = dimse.receive_primitive
-    context = _ReceiveContext(directory)
+    context = _ReceiveContext(directory, memory_limit)
 
     def receive_primitive(primitive: P_DATA) -> None:
         _receiving.context = context
@@ -370,12 +404,17 @@ def _receive_into(event: evt.Event, directory: Path) -> None:
     dimse.receive_primitive = receive_primitive  # type: ignore[method-assign]
 
 
-def dataset_offset(path: Path) -> int:
+def open_source(source: Path | bytes) -> IO[bytes]:
+    """A Part 10 file in memory or on disk, opened for reading."""
+    return io.BytesIO(source) if isinstance(source, bytes) else source.open("rb")
+
+
+def dataset_offset(source: Path | bytes) -> int:
     """Where the data set begins in a Part 10 file whose meta starts with its group length.
 
     Raises ValueError when the file does not start that way.
     """
-    with path.open("rb") as fp:
+    with open_source(source) as fp:
         fp.seek(_GROUP_LENGTH_AT)
         raw = fp.read(_GROUP_LENGTH_ELEMENT.size)
         fp.seek(128)
@@ -388,7 +427,7 @@ def dataset_offset(path: Path) -> int:
     return int(_GROUP_LENGTH_AT + _GROUP_LENGTH_ELEMENT.size + value)
 
 
-def _read_sop_uids(path: Path, offset: int, transfer_syntax: str) -> tuple[str, str]:
+def _read_sop_uids(source: Path | bytes, offset: int, transfer_syntax: str) -> tuple[str, str]:
     """Read (0008,0016) and (0008,0018), parsing nothing beyond (0008,0018).
 
     The data set is read in the negotiated transfer syntax from ``offset``. A deflated one
@@ -401,7 +440,7 @@ def _read_sop_uids(path: Path, offset: int, transfer_syntax: str) -> tuple[str, 
         return bool(tag > _SOP_INSTANCE_UID)
 
     try:
-        with path.open("rb") as fp:
+        with open_source(source) as fp:
             fp.seek(offset)
             if transfer_syntax == dicom_uid.DeflatedExplicitVRLittleEndian:
                 inflater = zlib.decompressobj(-zlib.MAX_WBITS)
@@ -595,7 +634,7 @@ class StorageSCP:
         return [(evt.EVT_CONN_OPEN, self._on_conn_open), (evt.EVT_C_STORE, on_c_store)]
 
     def _on_conn_open(self, event: evt.Event) -> None:
-        _receive_into(event, self.receive_dir)
+        _receive_into(event, self.receive_dir, self.settings.receive_in_memory_bytes)
 
     def _on_c_echo(self, event: evt.Event) -> int | Dataset:
         """C-ECHO (PS3.4 A): answered by the gateway itself, or, to a route's AE title with
@@ -652,13 +691,14 @@ class StorageSCP:
         received = getattr(request, "_dataset_file", None)
         if isinstance(received, _ReceiveFile) and received.error is not None:
             raise _Refused(self._receive_failed(sop_instance_uid, received.error))
-        path = Path(event.dataset_path)
+        in_memory = received.in_memory if isinstance(received, _ReceiveFile) else None
+        source: Path | bytes = Path(event.dataset_path) if in_memory is None else in_memory
         if transfer_syntax not in TRANSFER_SYNTAXES:
             raise _Refused(
                 StoreOutcome(CANNOT_UNDERSTAND, "transfer syntax not relayed by this gateway")
             )
-        offset = dataset_offset(path)
-        found_class, found_instance = _read_sop_uids(path, offset, transfer_syntax)
+        offset = dataset_offset(source)
+        found_class, found_instance = _read_sop_uids(source, offset, transfer_syntax)
         if found_class != sop_class_uid:
             raise _Refused(
                 StoreOutcome(
@@ -674,9 +714,9 @@ class StorageSCP:
                 )
             )
         instance = ReceivedInstance(
-            path=path,
+            source=source,
             dataset_offset=offset,
-            size_bytes=path.stat().st_size,
+            size_bytes=len(source) if isinstance(source, bytes) else source.stat().st_size,
             called_ae_title=called,
             calling_ae_title=calling,
             sop_class_uid=sop_class_uid,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import logging
 import os
 import re
@@ -39,6 +40,7 @@ from dicombridge.topology import dead_queue_name, queue_name
 from dicombridge.transport import Delivery
 from tests.brokerkit import Inbox, wait_until
 from tests.cryptokit import Federation, make_federation, messages, sha256_file, write_random
+from tests.dicomkit import read_source
 from tests.pacskit import StoreSCPNode, dcmtk_env
 from tests.relaykit import (
     TwoSites,
@@ -235,12 +237,16 @@ async def test_scp_answers_a700_when_its_receive_disk_is_full_and_goes_on(
     received: dict[str, str] = {}
 
     async def on_store(instance: ReceivedInstance) -> StoreOutcome:
-        received[instance.sop_instance_uid] = sha256_file(instance.path)
+        received[instance.sop_instance_uid] = hashlib.sha256(
+            read_source(instance.source)
+        ).hexdigest()
         return StoreOutcome(SUCCESS)
 
     with mounted_tmpfs(tmp_path / "receiving", size_bytes=MIB) as disk:
         (disk / f"{RECEIVE_PREFIX}left-by-a-crash.dcm").write_bytes(b"partial")
-        settings = ScpSettings(host="127.0.0.1", port=0, receive_dir=disk)
+        settings = ScpSettings(
+            host="127.0.0.1", port=0, receive_dir=disk, receive_in_memory_bytes=0
+        )
         async with StorageSCP(
             policy=AcceptancePolicy.of([ROUTE]), on_store=on_store, settings=settings
         ) as scp:
