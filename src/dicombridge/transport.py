@@ -10,7 +10,11 @@ and design.md:
   confirms. Several are in flight at once, capped in bytes and in messages.
 * Control and bulk use separate AMQP connections: the broker's flow control throttles a
   whole connection, and control must never wait behind bulk.
-* Consumers ack only after the handler has stored the message durably.
+* Consumers ack only after the handler has stored the message durably. Bulk deliveries
+  are handled concurrently, as many as the channel's prefetch lets in (each is acked
+  when its own handler returns; the receiver takes one transfer's deliveries one at a
+  time), so that one delivery's fsyncs do not hold up the next; control deliveries are
+  handled one at a time, in the order they came.
 * A delivery whose ``user_id`` is missing, or is not the broker user of the site named
   in its routing key, is refused before any handler sees it.
 
@@ -716,6 +720,7 @@ class Transport:
 
         channel.close_callbacks.add(on_close)
         requeues: set[asyncio.Task[None]] = set()
+        handling: set[asyncio.Task[None]] = set()
         try:
             try:
                 await channel.set_qos(prefetch_count=self._prefetch[plane])
@@ -736,11 +741,22 @@ class Transport:
                     return item
                 if channel.is_closed:
                     return "channel closed"
-                await self._dispatch(plane, item, handler, tally, requeues)
+                if plane == "bulk":
+                    # At most prefetch_count of these: the broker sends no more unacked.
+                    task = asyncio.create_task(
+                        self._dispatch(plane, item, handler, tally, requeues)
+                    )
+                    handling.add(task)
+                    task.add_done_callback(handling.discard)
+                else:
+                    await self._dispatch(plane, item, handler, tally, requeues)
         finally:
             tally.consuming = False
-            for task in requeues:
+            for task in (*requeues, *handling):
                 task.cancel()
+            if handling:
+                # As after a crash: what a cancelled handler left is redelivered.
+                await asyncio.gather(*handling, return_exceptions=True)
             channel.close_callbacks.discard(on_close)
             if not channel.is_closed:
                 await _close_quietly(channel)  # unacked deliveries go back to the queue
