@@ -34,7 +34,7 @@ from dicombridge.topology import (
     exchange_name,
     queue_name,
 )
-from dicombridge.transport import Transport
+from dicombridge.transport import Delivery, Transport
 from tests.brokerkit import Inbox, seal_for, wait_until
 
 pytestmark = pytest.mark.integration
@@ -405,3 +405,50 @@ async def test_refused_fragments_raise_one_transport_error(
     finally:
         for site_id in SITES:
             management.delete_user(site_id)
+
+
+async def test_bulk_deliveries_are_handled_concurrently_control_ones_in_order(
+    federation: Federation,
+) -> None:
+    """Two bulk messages: the handler of the first waits until the second is being
+    handled, which only works if bulk deliveries run concurrently; both are acked. Two
+    control messages: the second is handled only after the first handler returned."""
+    site_a, site_b = federation.site("hosp-a"), federation.site("hosp-b")
+    second_started = asyncio.Event()
+    bulk_done: list[str] = []
+
+    async def on_bulk(delivery: Delivery) -> None:
+        if delivery.message_id == "bulk-1":
+            await asyncio.wait_for(second_started.wait(), timeout=20)
+        else:
+            second_started.set()
+        bulk_done.append(str(delivery.message_id))
+
+    control_log: list[str] = []
+
+    async def on_control(delivery: Delivery) -> None:
+        control_log.append(f"start {delivery.message_id}")
+        await asyncio.sleep(0.2)  # a slow handler: the next must wait for it
+        control_log.append(f"end {delivery.message_id}")
+
+    async with transport(site_a) as sender, transport(site_b) as receiver:
+        for number in (1, 2):
+            await sender.publish("bulk", "hosp-b", b"bulk", message_id=f"bulk-{number}")
+            await sender.publish("control", "hosp-b", b"ctl", message_id=f"control-{number}")
+        consumers = [
+            asyncio.create_task(receiver.consume("bulk", on_bulk)),
+            asyncio.create_task(receiver.consume("control", on_control)),
+        ]
+        try:
+
+            async def handled() -> bool:
+                counters = receiver.counters("bulk"), receiver.counters("control")
+                return all(c.acked == 2 for c in counters)
+
+            await wait_until(handled, timeout_s=30, what="both planes to ack both messages")
+        finally:
+            for task in consumers:
+                task.cancel()
+            await asyncio.gather(*consumers, return_exceptions=True)
+    assert bulk_done == ["bulk-2", "bulk-1"]
+    assert control_log == ["start control-1", "end control-1", "start control-2", "end control-2"]
