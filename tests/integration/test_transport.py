@@ -419,7 +419,7 @@ async def test_bulk_deliveries_are_handled_concurrently_control_ones_in_order(
 
     async def on_bulk(delivery: Delivery) -> None:
         if delivery.message_id == "bulk-1":
-            await asyncio.wait_for(second_started.wait(), timeout=20)
+            await asyncio.wait_for(second_started.wait(), timeout=10)
         else:
             second_started.set()
         bulk_done.append(str(delivery.message_id))
@@ -451,4 +451,7 @@ async def test_bulk_deliveries_are_handled_concurrently_control_ones_in_order(
                 task.cancel()
             await asyncio.gather(*consumers, return_exceptions=True)
     assert bulk_done == ["bulk-2", "bulk-1"]
+    # Not by way of a timeout and a requeue: each was delivered once.
+    assert receiver.counters("bulk").delivered == 2
+    assert receiver.counters("bulk").redelivered == 0
     assert control_log == ["start control-1", "end control-1", "start control-2", "end control-2"]
