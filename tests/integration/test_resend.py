@@ -32,7 +32,9 @@ async def test_given_up_transfer_is_sent_again_and_stored_once_the_pacs_is_back(
 ) -> None:
     pacs_port = free_port()  # nothing listens there yet: B's PACS is down
     sites = route_to_pacs(tmp_path / "fed", broker=rabbitmq_node, vhost=vhost, pacs_port=pacs_port)
-    edit(sites.config_a, "resend_after_s = 900", "resend_after_s = 2")
+    # B gives up after about 1 s; A's re-send, which takes the transfer out of B's
+    # quarantine to try again, must come well after that for the check below to see it.
+    edit(sites.config_a, "resend_after_s = 900", "resend_after_s = 5")
     edit(sites.config_b, "retry_initial_s = 1\n", "retry_initial_s = 0.2\n")
     edit(sites.config_b, "give_up_after_s = 86400", "give_up_after_s = 1")
     (path,) = ct_series(tmp_path / "series", 1, rows=64, columns=64)
