@@ -33,7 +33,7 @@ from dicombridge.fragments import (
     seal_file,
 )
 from dicombridge.keys import Validity
-from dicombridge.spool import Spool
+from dicombridge.spool import Spool, fragment_file_name
 from tests.cryptokit import (
     COUNT_AT,
     FLAGS_AT,
@@ -678,7 +678,10 @@ def test_spool_file_holding_another_fragment_is_refused(tmp_path: Path, site: Si
     transfer = _sealed(tmp_path, site)
     deliver(site.spool, "hosp-a", messages(transfer))
     folder = site.spool.transfer_dir("hosp-a", transfer.transfer_id)
-    (folder / "00000000.frag").write_bytes((folder / "00000001.frag").read_bytes())
+    count = transfer.fragment_count
+    (folder / fragment_file_name(0, count)).write_bytes(
+        (folder / fragment_file_name(1, count)).read_bytes()
+    )
     error = site.refused(transfer.transfer_id, IntegrityError)
     assert "holds fragment 1" in str(error)
 

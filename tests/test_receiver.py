@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from dicombridge import spool as spool_module
 from dicombridge.config import DeliverySection
 from dicombridge.delivery import Deliverer
-from dicombridge.spool import IncomingTransfer, Receiver, ReceiverIdentity
+from dicombridge.spool import IncomingTransfer, Receiver, ReceiverIdentity, SpoolState
 from dicombridge.transport import Delivery
 from tests.cryptokit import Federation, make_federation, messages
 
@@ -160,3 +161,85 @@ async def test_restart_clears_half_removed_and_half_assembled_files(tmp_path: Pa
     assert not half_removed.sidecar.exists()
     assert receipts == []
     assert not (root / "quarantine").exists() or not any((root / "quarantine").iterdir())
+
+
+def _one_fragment_transfer(fed: Federation, tmp_path: Path, name: str) -> tuple[bytes, list[bytes]]:
+    source = tmp_path / name
+    data = os.urandom(900)
+    source.write_bytes(data)
+    return data, messages(fed.seal(source, tmp_path / "outbox", fragment_size=1000))
+
+
+async def test_one_fragment_transfer_arriving_together_is_assembled_without_the_spool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Manifest and fragment handled at once (fragment first, too): the transfer is
+    assembled from memory, byte for byte, and nothing is ever written to the spool."""
+    fed = make_federation()
+    delivered: list[IncomingTransfer] = []
+    receiver = _receiver(tmp_path / "b", fed, delivered)
+    spooled: list[bytes] = []
+    put = receiver.spool.put
+
+    def recording_put(sender_site: str, body: bytes) -> SpoolState:
+        spooled.append(body)
+        return put(sender_site, body)
+
+    monkeypatch.setattr(receiver.spool, "put", recording_put)
+    sources = []
+    for number in range(2):
+        data, bodies = _one_fragment_transfer(fed, tmp_path, f"src{number}.bin")
+        sources.append(data)
+        if number == 1:
+            bodies.reverse()  # the fragment first
+        await asyncio.gather(
+            *(receiver.handle(Delivery(body, "hosp-a", "bulk", None, False)) for body in bodies)
+        )
+    assert [incoming.path.read_bytes() for incoming in delivered] == sources
+    assert receiver.assembled_in_memory == 2
+    assert spooled == []
+    assert not (tmp_path / "b" / "spool" / "hosp-a").exists()
+    assert receiver._gathering == {}
+
+
+async def test_a_message_whose_partner_does_not_come_goes_to_the_spool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A manifest alone waits GATHER_S, then is spooled (and its delivery acked); the
+    fragment coming later joins it there and the transfer is handed on once."""
+    monkeypatch.setattr(spool_module, "GATHER_S", 0.2)
+    fed = make_federation()
+    delivered: list[IncomingTransfer] = []
+    root = tmp_path / "b"
+    receiver = _receiver(root, fed, delivered)
+    data, (manifest, fragment) = _one_fragment_transfer(fed, tmp_path, "src.bin")
+    await receiver.handle(Delivery(manifest, "hosp-a", "bulk", None, False))
+    assert len(_spooled(root)) == 1
+    assert delivered == []
+    await receiver.handle(Delivery(fragment, "hosp-a", "bulk", None, False))
+    assert [incoming.path.read_bytes() for incoming in delivered] == [data]
+    assert receiver.assembled_in_memory == 0
+    assert _spooled(root) == []
+
+
+async def test_a_tampered_fragment_met_in_memory_is_quarantined_with_both_messages(
+    tmp_path: Path,
+) -> None:
+    """A fragment that fails its check when assembled from memory: the transfer is
+    quarantined with both messages, as from the spool, and never handed on."""
+    fed = make_federation()
+    delivered: list[IncomingTransfer] = []
+    root = tmp_path / "b"
+    receiver = _receiver(root, fed, delivered)
+    _, (manifest, fragment) = _one_fragment_transfer(fed, tmp_path, "src.bin")
+    tampered = fragment[:-1] + bytes([fragment[-1] ^ 1])
+    await asyncio.gather(
+        *(
+            receiver.handle(Delivery(body, "hosp-a", "bulk", None, False))
+            for body in (manifest, tampered)
+        )
+    )
+    assert delivered == []
+    assert receiver.quarantined == 1
+    (folder,) = (root / "quarantine" / "hosp-a").iterdir()
+    assert sorted(path.suffix for path in folder.iterdir()) == [".frag", ".json", ".msg"]

@@ -8,9 +8,20 @@ decrypted into ``incoming/`` and handed on. A transfer that fails a check is mov
 remembered (``done/``) so that redeliveries and re-sends are dropped.
 
 The spool keeps each arriving message as its own file, written to a temporary name,
-fsynced and renamed, so a file that exists is whole. Fragments may arrive in any order
-and more than once. The plaintext is written to a temporary file and renamed into place
-only once its SHA-256 matches the signed manifest.
+fsynced and renamed, so a file that exists is whole: ``spool/<sender>/<transfer id>/``
+holds ``manifest.msg`` and ``<index>-of-<count>.frag`` (the count in the name: no file
+more per transfer to say it). Fragments may arrive in any order and more than once. The
+plaintext is written to a temporary file and renamed into place only once its SHA-256
+matches the signed manifest.
+
+A transfer of one fragment (an image up to the fragment size, most of them) skips the
+spool when its two messages come close together: the first waits, unacked, at most
+``GATHER_S`` for the other (they are published together), then the transfer is assembled
+from memory and both are acked. No file is written for them, which is most of what the
+receiving side costs per instance on a file system where creating files is dear (ext4
+without a journal). A crash before the acks redelivers both, as for any delivery. If the
+other message does not come in time, or a part of the transfer is already spooled, each
+message goes to the spool as above.
 
 A full disk (ENOSPC, EDQUOT) in the spool, ``incoming/`` or ``done/`` removes what the
 failed write had begun, logs the directory and the bytes free, and holds the delivery,
@@ -32,8 +43,8 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -63,6 +74,11 @@ log = logging.getLogger(__name__)
 DISK_FULL_HOLD_S: Final = 600.0
 _DISK_FULL_RETRY_FIRST_S: Final = 0.25
 _DISK_FULL_RETRY_MAX_S: Final = 5.0
+
+# The fragment count of a transfer of zero bytes (it has no fragment to carry it).
+ZERO_COUNT_FILE: Final = "count"
+# How long the first message of a one-fragment transfer waits, unacked, for the other.
+GATHER_S: Final = 2.0
 
 _T = TypeVar("_T")
 
@@ -137,6 +153,74 @@ class SpoolState:
         )
 
 
+def open_manifest_body(
+    body: bytes, sender_site: str, *, site_id: str, keys: SiteKeys, directory: Directory
+) -> Manifest:
+    """Open and verify a manifest message; the signed sender must be the broker's."""
+    opened = open_document(body, site_id=site_id, keys=keys, directory=directory)
+    manifest = manifest_from_document(opened)
+    if manifest.sender_site != sender_site:
+        raise IntegrityError(
+            f"manifest signed by {manifest.sender_site!r} arrived from {sender_site!r}"
+        )
+    return manifest
+
+
+def decrypt_into(manifest: Manifest, bodies: Iterable[bytes], out_path: Path) -> None:
+    """Verify and decrypt a transfer's fragment messages, in index order, into
+    ``out_path``, fsynced.
+
+    Streams fragment by fragment; ``out_path`` appears only once the plaintext's
+    SHA-256 equals the signed one. Any failure leaves no plaintext behind.
+    """
+    aead = AESGCM(manifest.content_key)
+    digest = hashlib.sha256()
+    written = 0
+    tmp = out_path.with_name(f".{out_path.name}.assembling")
+    try:
+        with open(tmp, "wb") as out:
+            for index, body in enumerate(bodies):
+                got, data = open_fragment(aead, manifest, body)
+                if got != index:
+                    raise IntegrityError(f"fragment file {index} holds fragment {got}")
+                digest.update(data)
+                written += out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        if written != manifest.total_length or digest.digest() != manifest.sha256:
+            raise IntegrityError(
+                f"transfer {manifest.transfer_id.hex()}: assembled bytes do not match the "
+                "signed hash"
+            )
+        os.replace(tmp, out_path)
+        fsync_dir(out_path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def fragment_file_name(index: int, count: int) -> str:
+    """A spooled fragment's file: its index and its transfer's fragment count."""
+    return f"{index:08d}-of-{count:08d}.frag"
+
+
+def _fragment_names(directory: Path) -> list[str]:
+    try:
+        return [name for name in os.listdir(directory) if name.endswith(".frag")]
+    except FileNotFoundError:
+        return []
+
+
+def _count_in(name: str) -> int:
+    return int(name.removesuffix(".frag").rsplit("-of-", 1)[1])
+
+
+def _fragment_counts(directory: Path) -> set[int]:
+    """The fragment counts the spooled fragments of a transfer carry (one, or none)."""
+    return {_count_in(name) for name in _fragment_names(directory)}
+
+
 class Spool:
     """Arriving messages, kept per (sender site, transfer id) until the transfer is whole.
 
@@ -161,13 +245,9 @@ class Spool:
             target = directory / MANIFEST_FILE
         elif header.kind is Kind.FRAGMENT:
             fragment = parse_fragment(body)
-            count_file = directory / "count"
-            if count_file.exists():
-                if int(count_file.read_text()) != fragment.count:
-                    raise IntegrityError("fragments of one transfer disagree on their count")
-            else:
-                write_durably(count_file, str(fragment.count).encode())
-            target = directory / f"{fragment.index:08d}.frag"
+            if _fragment_counts(directory) - {fragment.count}:
+                raise IntegrityError("fragments of one transfer disagree on their count")
+            target = directory / fragment_file_name(fragment.index, fragment.count)
         else:
             raise EnvelopeError(f"{header.kind.name} messages do not go to the spool")
         if not target.exists():
@@ -176,13 +256,16 @@ class Spool:
 
     def state(self, sender_site: str, transfer_id: bytes) -> SpoolState:
         directory = self.transfer_dir(sender_site, transfer_id)
-        count_file = directory / "count"
-        count = int(count_file.read_text()) if count_file.exists() else None
-        present = sum(1 for _ in directory.glob("*.frag")) if directory.exists() else 0
-        # The count comes from the first fragment or from the opened manifest (a transfer
-        # of zero bytes has no fragment to carry it).
+        names = _fragment_names(directory)
+        # The count is in every fragment's file name; a transfer of zero bytes has no
+        # fragment to carry it, and its opened manifest writes it to ``count``.
+        counts = {_count_in(name) for name in names}
+        count = min(counts) if counts else None
+        count_file = directory / ZERO_COUNT_FILE
+        if count is None and count_file.exists():
+            count = int(count_file.read_text())
         has_manifest = (directory / MANIFEST_FILE).exists()
-        return SpoolState(sender_site, transfer_id, has_manifest, count, present)
+        return SpoolState(sender_site, transfer_id, has_manifest, count, len(names))
 
     def open_manifest(
         self,
@@ -201,17 +284,14 @@ class Spool:
             raise IncompleteTransferError(
                 f"transfer {transfer_id.hex()} has no manifest in the spool"
             ) from exc
-        opened = open_document(body, site_id=site_id, keys=keys, directory=directory)
-        manifest = manifest_from_document(opened)
-        if manifest.sender_site != sender_site:
-            raise IntegrityError(
-                f"manifest signed by {manifest.sender_site!r} arrived from {sender_site!r}"
-            )
-        count_file = self.transfer_dir(sender_site, transfer_id) / "count"
-        if not count_file.exists():
-            write_durably(count_file, str(manifest.fragment_count).encode())
-        elif int(count_file.read_text()) != manifest.fragment_count:
+        manifest = open_manifest_body(
+            body, sender_site, site_id=site_id, keys=keys, directory=directory
+        )
+        folder = self.transfer_dir(sender_site, transfer_id)
+        if _fragment_counts(folder) - {manifest.fragment_count}:
             raise IntegrityError("fragments disagree with the manifest on their count")
+        if manifest.fragment_count == 0 and not (folder / ZERO_COUNT_FILE).exists():
+            write_durably(folder / ZERO_COUNT_FILE, b"0")
         return manifest
 
     def assemble(
@@ -233,38 +313,19 @@ class Spool:
             sender_site, transfer_id, site_id=site_id, keys=keys, directory=directory
         )
         folder = self.transfer_dir(sender_site, transfer_id)
-        aead = AESGCM(manifest.content_key)
-        digest = hashlib.sha256()
-        written = 0
-        tmp = out_path.with_name(f".{out_path.name}.assembling")
-        try:
-            with open(tmp, "wb") as out:
-                for index in range(manifest.fragment_count):
-                    path = folder / f"{index:08d}.frag"
-                    try:
-                        body = path.read_bytes()
-                    except FileNotFoundError as exc:
-                        raise IncompleteTransferError(
-                            f"transfer {transfer_id.hex()} lacks fragment {index} "
-                            f"of {manifest.fragment_count}"
-                        ) from exc
-                    got, data = open_fragment(aead, manifest, body)
-                    if got != index:
-                        raise IntegrityError(f"fragment file {index} holds fragment {got}")
-                    digest.update(data)
-                    written += out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            if written != manifest.total_length or digest.digest() != manifest.sha256:
-                raise IntegrityError(
-                    f"transfer {transfer_id.hex()}: assembled bytes do not match the signed hash"
-                )
-            os.replace(tmp, out_path)
-            fsync_dir(out_path.parent)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            raise
+
+        def bodies() -> Iterator[bytes]:
+            for index in range(manifest.fragment_count):
+                path = folder / fragment_file_name(index, manifest.fragment_count)
+                try:
+                    yield path.read_bytes()
+                except FileNotFoundError as exc:
+                    raise IncompleteTransferError(
+                        f"transfer {transfer_id.hex()} lacks fragment {index} "
+                        f"of {manifest.fragment_count}"
+                    ) from exc
+
+        decrypt_into(manifest, bodies(), out_path)
         return manifest
 
     def discard(self, sender_site: str, transfer_id: bytes) -> None:
@@ -279,6 +340,20 @@ class ReceiverIdentity:
     site_id: str
     keys: SiteKeys
     directory: Directory
+
+
+@dataclass
+class _Gathering:
+    """The messages of a one-fragment transfer held in memory, unacked, until both came.
+
+    ``outcome`` is set once the transfer was assembled (or quarantined) from them, or
+    assembling failed (each message then goes its ordinary way); ``settled`` wakes the
+    deliveries waiting on it."""
+
+    bodies: dict[Kind, bytes]
+    manifest: Manifest | None
+    outcome: str | None = None
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Receiver:
@@ -310,6 +385,9 @@ class Receiver:
         # One delivery of a transfer at a time: a redelivered fragment must not re-create
         # a spool folder that a concurrent delivery has just assembled and discarded.
         self._locks: dict[tuple[str, bytes], tuple[asyncio.Lock, int]] = {}  # lock, users
+        self._gathering: dict[tuple[str, bytes], _Gathering] = {}
+        # Transfers assembled from memory, their messages never spooled (a figure).
+        self.assembled_in_memory = 0
 
     def _done_marker(self, sender_site: str, transfer_id: bytes) -> Path:
         return self.done / sender_site / transfer_id.hex()
@@ -365,7 +443,9 @@ class Receiver:
         self._locks[key] = (lock, users + 1)
         try:
             async with lock:
-                await self._handle_locked(delivery, header)
+                gathering = await self._handle_locked(delivery, header)
+            if gathering is not None:
+                await self._wait_for_the_other(delivery, header, gathering, lock)
         finally:
             lock, users = self._locks[key]
             if users == 1:
@@ -373,7 +453,110 @@ class Receiver:
             else:
                 self._locks[key] = (lock, users - 1)
 
-    async def _handle_locked(self, delivery: Delivery, header: Header) -> None:
+    async def _handle_locked(self, delivery: Delivery, header: Header) -> _Gathering | None:
+        """Handle a delivery (this transfer's lock held); a ``_Gathering`` to wait on, not
+        yet acked, when it is held in memory for the other message of its transfer."""
+        if await asyncio.to_thread(
+            self._done_marker(delivery.sender_site, header.message_id).exists
+        ):
+            await self._handle_spooled(delivery, header)
+            return None
+        handled, gathering = await self._gather(delivery, header)
+        if not handled:
+            await self._handle_spooled(delivery, header)
+        return gathering
+
+    async def _gather(self, delivery: Delivery, header: Header) -> tuple[bool, _Gathering | None]:
+        """Hold a message of a one-fragment transfer in memory, or, if the other one is
+        held already, assemble the transfer from both. Returns whether it was handled so,
+        and the gathering to wait on if it is held."""
+        sender, body = delivery.sender_site, delivery.body
+        key = (sender, header.message_id)
+        gathering = self._gathering.get(key)
+        if gathering is None:
+            folder = self.spool.transfer_dir(sender, header.message_id)
+            if await asyncio.to_thread(folder.exists):
+                return False, None  # part of it is spooled: the rest joins it there
+            manifest = None
+            try:
+                if header.kind is Kind.FRAGMENT:
+                    if parse_fragment(body).count != 1:
+                        return False, None
+                else:
+                    manifest = await asyncio.to_thread(self._open_manifest_body, sender, body)
+                    if manifest.fragment_count != 1:
+                        return False, None
+            except EnvelopeError:
+                return False, None  # the spool path refuses it, quarantined with the reason
+            gathering = _Gathering({header.kind: body}, manifest)
+            self._gathering[key] = gathering
+            return True, gathering
+        if header.kind in gathering.bodies:
+            return True, gathering  # a redelivery of the message held: wait with it
+        gathering.bodies[header.kind] = body
+        del self._gathering[key]
+        try:
+            await self._assemble_gathered(sender, header.message_id, gathering)
+            gathering.outcome = "assembled"
+        except BaseException:
+            gathering.outcome = "failed"
+            raise
+        finally:
+            gathering.settled.set()
+        return True, None
+
+    async def _wait_for_the_other(
+        self, delivery: Delivery, header: Header, gathering: _Gathering, lock: asyncio.Lock
+    ) -> None:
+        """Wait (lock released) for the other message; if it does not come in time, or
+        assembling failed, this one goes to the spool."""
+        key = (delivery.sender_site, header.message_id)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(gathering.settled.wait(), GATHER_S)
+        except BaseException:
+            if self._gathering.get(key) is gathering:
+                del self._gathering[key]  # cancelled: forget what this delivery held
+            raise
+        async with lock:
+            if gathering.outcome == "assembled":
+                return
+            if self._gathering.get(key) is gathering:
+                del self._gathering[key]
+            await self._handle_spooled(delivery, header)
+
+    def _open_manifest_body(self, sender: str, body: bytes) -> Manifest:
+        ident = self.identity
+        return open_manifest_body(
+            body, sender, site_id=ident.site_id, keys=ident.keys, directory=ident.directory
+        )
+
+    async def _assemble_gathered(
+        self, sender: str, transfer_id: bytes, gathering: _Gathering
+    ) -> None:
+        """Assemble a one-fragment transfer from its two messages in memory; a transfer
+        that fails a check is spooled and quarantined like any other."""
+        try:
+            manifest = gathering.manifest
+            if manifest is None:
+                manifest = await asyncio.to_thread(
+                    self._open_manifest_body, sender, gathering.bodies[Kind.MANIFEST]
+                )
+            if manifest.fragment_count != 1:
+                raise IntegrityError("fragments disagree with the manifest on their count")
+            await self._assemble(
+                sender, transfer_id, in_memory=(manifest, [gathering.bodies[Kind.FRAGMENT]])
+            )
+        except EnvelopeError as exc:
+            for body in gathering.bodies.values():
+                await self._while_disk_full(
+                    self.spool.root, functools.partial(self.spool.put, sender, body)
+                )
+            await asyncio.to_thread(self._quarantine, sender, transfer_id, exc)
+            return
+        self.assembled_in_memory += 1
+
+    async def _handle_spooled(self, delivery: Delivery, header: Header) -> None:
         sender = delivery.sender_site
         marker = self._done_marker(sender, header.message_id)
         if marker.exists():
@@ -414,9 +597,17 @@ class Receiver:
             ),
         )
 
-    async def _assemble(self, sender: str, transfer_id: bytes) -> None:
-        # Order matters for crash safety: the sidecar makes the file deliverable after a
-        # restart, then the done marker makes redeliveries drop, then the spool goes.
+    async def _assemble(
+        self,
+        sender: str,
+        transfer_id: bytes,
+        *,
+        in_memory: tuple[Manifest, list[bytes]] | None = None,
+    ) -> None:
+        """Assemble from the spool, or from a manifest and fragment messages in memory.
+
+        Order matters for crash safety: the sidecar makes the file deliverable after a
+        restart, then the done marker makes redeliveries drop, then the spool goes."""
         marker = self._done_marker(sender, transfer_id)
         sidecar = self._incoming_path(sender, transfer_id).with_suffix(".json")
         if await asyncio.to_thread(sidecar.exists):
@@ -429,7 +620,8 @@ class Receiver:
             log.info("transfer already in incoming", extra={"transfer_id": transfer_id.hex()})
             return
         incoming = await self._while_disk_full(
-            self.incoming, functools.partial(self._assemble_into_incoming, sender, transfer_id)
+            self.incoming,
+            functools.partial(self._assemble_into_incoming, sender, transfer_id, in_memory),
         )
         marker.parent.mkdir(parents=True, exist_ok=True)
         await self._while_disk_full(
@@ -450,18 +642,24 @@ class Receiver:
     def _incoming_path(self, sender: str, transfer_id: bytes) -> Path:
         return self.incoming / f"{sender}.{transfer_id.hex()}.dcm"
 
-    def _assemble_into_incoming(self, sender: str, transfer_id: bytes) -> IncomingTransfer:
+    def _assemble_into_incoming(
+        self, sender: str, transfer_id: bytes, in_memory: tuple[Manifest, list[bytes]] | None
+    ) -> IncomingTransfer:
         """Verify and decrypt into ``incoming/`` with its sidecar: both, or neither."""
         ident = self.identity
         out = self._incoming_path(sender, transfer_id)
-        manifest = self.spool.assemble(
-            sender,
-            transfer_id,
-            out,
-            site_id=ident.site_id,
-            keys=ident.keys,
-            directory=ident.directory,
-        )
+        if in_memory is not None:
+            manifest, bodies = in_memory
+            decrypt_into(manifest, bodies, out)
+        else:
+            manifest = self.spool.assemble(
+                sender,
+                transfer_id,
+                out,
+                site_id=ident.site_id,
+                keys=ident.keys,
+                directory=ident.directory,
+            )
         incoming = IncomingTransfer(sender, transfer_id, out, manifest.total_length, manifest.meta)
         try:
             incoming.save()

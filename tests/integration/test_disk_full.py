@@ -346,7 +346,12 @@ async def test_gateway_with_a_full_spool_disk_keeps_transfers_in_the_queue(
 ) -> None:
     """Site B's spool on a tmpfs filled to the brim: transfers wait unacked in B's queue
     (not acked, not dead-lettered), A's outbox keeps them; once the filler is removed they
-    arrive at B's PACS and A's outbox empties."""
+    arrive at B's PACS and A's outbox empties. (Several fragments each: a transfer of one
+    fragment whose messages come together does not go through the spool.)"""
+    config_a = sites.config_a.read_text()
+    sites.config_a.write_text(
+        config_a.replace("fragment_size_bytes = 1048576", "fragment_size_bytes = 4096", 1)
+    )
     files = ct_series(tmp_path / "series", 3, rows=64, columns=64)
     spool_dir = sites.storage_root(sites.site_b) / "spool"
     bulk_queue = queue_name(sites.site_b, "bulk")
