@@ -1,8 +1,8 @@
 """What the benchmarks share: the workloads, the sender, and how arrival and the cost of a
 process are measured.
 
-- ``ct_series``: a 200-instance CT series, 512 x 512, 16 bit (~0.5 MB each), pixel data
-  random per instance (nothing on the way can compress it away);
+- ``ct_series``: a 200-instance CT series, 512 x 512, 16 bit (~0.5 MB each), random
+  pixel data (nothing on the way compresses anyway);
 - ``big_instance``: one 1 GiB multi-frame instance;
 - ``send``: DCMTK's storescu (``/usr/bin``, TCP_NODELAY) sending files on one association;
 - ``Arrival``: polls an Orthanc's instance count (REST) until a number of new instances
@@ -25,13 +25,10 @@ from typing import Final
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from tests.relaykit import big_multiframe
+from tests import relaykit
 
 from dicombridge.orthanc import OrthancServer
 
-CT_IMAGE_STORAGE: Final = "1.2.840.10008.5.1.4.1.1.2"
 CT_SERIES_SIZE: Final = 200
 CT_ROWS: Final = 512
 BIG_FRAMES: Final = 2048  # 2048 frames of 512 x 512 x 16 bit: 1 GiB of Pixel Data
@@ -40,55 +37,14 @@ POLL_S: Final = 0.02
 
 
 def ct_series(directory: Path, count: int = CT_SERIES_SIZE) -> list[Path]:
-    """``count`` CT images of one new series (one new study), Part 10, Explicit VR LE."""
-    directory.mkdir(parents=True, exist_ok=True)
-    study_uid, series_uid = generate_uid(), generate_uid()
-    paths = []
-    for number in range(1, count + 1):
-        ds = Dataset()
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.SOPClassUID = CT_IMAGE_STORAGE
-        ds.SOPInstanceUID = generate_uid()
-        ds.PatientName = "Bench^Series"
-        ds.PatientID = "P-BENCH"
-        ds.PatientBirthDate = "19700101"
-        ds.PatientSex = "O"
-        ds.StudyInstanceUID = study_uid
-        ds.StudyDate = "20240101"
-        ds.StudyTime = "101500"
-        ds.StudyID = "1"
-        ds.AccessionNumber = "BENCH1"
-        ds.ReferringPhysicianName = ""
-        ds.SeriesInstanceUID = series_uid
-        ds.SeriesNumber = 1
-        ds.Modality = "CT"
-        ds.InstanceNumber = number
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = ds.Columns = CT_ROWS
-        ds.BitsAllocated = 16
-        ds.BitsStored = 12
-        ds.HighBit = 11
-        ds.PixelRepresentation = 0
-        ds.RescaleIntercept = -1024
-        ds.RescaleSlope = 1
-        ds.PixelData = os.urandom(CT_ROWS * CT_ROWS * 2)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta = meta
-        path = directory / f"CT{number:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
+    """``count`` CT images of one new series (one new study), 512 x 512, 16 bit."""
+    return relaykit.ct_series(directory, count, rows=CT_ROWS, columns=CT_ROWS)
 
 
 def big_instance(path: Path) -> list[Path]:
     """One 1 GiB multi-frame instance (its own study)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    big_multiframe(path, frames=BIG_FRAMES)
+    relaykit.big_multiframe(path, frames=BIG_FRAMES)
     return [path]
 
 

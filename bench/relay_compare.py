@@ -223,7 +223,7 @@ def main() -> None:
             per_study = start_router(work / "b2", "ROUTER_B2", _PER_STUDY_LUA, pacs_b)
             routers.append(per_study)
             setups = [
-                Setup("a_direct", pacs_b.dicom_port, pacs_b.ae_title, {}),
+                Setup("a_direct", pacs_b.dicom_port, pacs_b.ae_title, {"orthanc_b": pacs_b.pid}),
                 Setup(
                     "b1_router_per_instance",
                     per_instance.dicom_port,
@@ -242,7 +242,12 @@ def main() -> None:
                     "c_dicombridge",
                     int(a["gateway"]["port"]),
                     str(a["routes"][B]),
-                    {"gateway_a": sandbox.gateway_pid(A), "gateway_b": sandbox.gateway_pid(B)},
+                    {
+                        "gateway_a": sandbox.gateway_pid(A),
+                        "gateway_b": sandbox.gateway_pid(B),
+                        "broker": sandbox.broker_nodes()[0].pid,
+                        "orthanc_b": pacs_b.pid,
+                    },
                 ),
             ]
             setups = [setup for setup in setups if setup.name.split("_")[0] in wanted]

@@ -52,21 +52,7 @@ def write_durably(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     a leftover from an earlier crash is replaced, never appended to. If anything fails
     before the rename, the temporary file is removed and ``path`` is left as it was.
     """
-    tmp = path.with_name(f".{path.name}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
+    _replace(path, data, mode=mode, durable=True)
 
 
 def write_new_durably(path: Path, data: bytes, *, mode: int = 0o644) -> None:
@@ -89,6 +75,10 @@ def write_atomically(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     whichever the rename left. A power loss may bring the old content back: only for
     state whose loss is harmless (it is redone, and the redo is idempotent).
     """
+    _replace(path, data, mode=mode, durable=False)
+
+
+def _replace(path: Path, data: bytes, *, mode: int, durable: bool) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
@@ -96,11 +86,16 @@ def write_atomically(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+    if durable:
+        fsync_dir(path.parent)
 
 
 def rewrite_in_place(path: Path, data: bytes) -> bool:
