@@ -439,20 +439,29 @@ async def test_get_returns_every_instance_on_the_requesters_association(
     assert dataset_bytes(got) == dataset_bytes(archive.files[single_uid])
 
 
+async def get_jpeg_study(
+    two: TwoSites, archive: Archive, outdir: Path
+) -> tuple[MoveResult, tuple[int, int]]:
+    """getscu (uncompressed syntaxes only) of the JPEG Baseline study, until B's outbox is
+    empty; and how many C-GETs and C-MOVEs B sent its PACS for it."""
+    async with running_gateways(two.config_a, two.config_b) as (_, gateway_b):
+        result = await asyncio.to_thread(
+            getscu, two.port_a, outdir, "STUDY", StudyInstanceUID=archive.jpeg_study
+        )
+        await asyncio.to_thread(
+            wait_for, lambda: not gateway_b.outbox.entries(), timeout_s=30, what="B's outbox"
+        )
+        return result, (gateway_b.responder.gets_sent, gateway_b.responder.moves_sent)
+
+
 async def test_get_has_b_pacs_transcode_to_a_syntax_the_requester_accepted(
     two: TwoSites, archive: Archive, tmp_path: Path
 ) -> None:
     """getscu accepts uncompressed transfer syntaxes only; the instance is JPEG Baseline in
     B's Orthanc. B's gateway C-GETs from Orthanc proposing exactly what getscu accepted,
     Orthanc transcodes, and the instance arrives uncompressed: success, not a failure."""
-    async with running_gateways(two.config_a, two.config_b) as (_, gateway_b):
-        result = await asyncio.to_thread(
-            getscu, two.port_a, tmp_path / "jpeg", "STUDY", StudyInstanceUID=archive.jpeg_study
-        )
-        await asyncio.to_thread(
-            wait_for, lambda: not gateway_b.outbox.entries(), timeout_s=30, what="B's outbox"
-        )
-        assert (gateway_b.responder.gets_sent, gateway_b.responder.moves_sent) == (1, 0)
+    result, sent = await get_jpeg_study(two, archive, tmp_path / "jpeg")
+    assert sent == (1, 0)
     assert result.final_status == 0x0000, result.output
     assert result.count("Completed") == 1
     (got,) = (tmp_path / "jpeg").iterdir()
@@ -494,14 +503,8 @@ async def test_get_from_a_pacs_without_c_get_counts_what_no_accepted_context_car
     and relays it as it is. getscu accepts uncompressed syntaxes only, and A does not
     decompress: the instance is counted failed (0xA702, its UID in the Failed SOP
     Instance UID List), not dropped silently, and B gets its receipt."""
-    async with running_gateways(two.config_a, two.config_b) as (_, gateway_b):
-        result = await asyncio.to_thread(
-            getscu, two.port_a, tmp_path / "jpeg", "STUDY", StudyInstanceUID=archive.jpeg_study
-        )
-        await asyncio.to_thread(
-            wait_for, lambda: not gateway_b.outbox.entries(), timeout_s=30, what="B's outbox"
-        )
-        assert (gateway_b.responder.gets_sent, gateway_b.responder.moves_sent) == (0, 1)
+    result, sent = await get_jpeg_study(two, archive, tmp_path / "jpeg")
+    assert sent == (0, 1)
     assert result.final_status == 0xA702, result.output
     assert result.count("Failed") == 1
     # getscu does not print the final response's data set; that it has one (the Failed
