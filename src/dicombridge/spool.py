@@ -456,15 +456,22 @@ class Receiver:
     async def _handle_locked(self, delivery: Delivery, header: Header) -> _Gathering | None:
         """Handle a delivery (this transfer's lock held); a ``_Gathering`` to wait on, not
         yet acked, when it is held in memory for the other message of its transfer."""
-        if await asyncio.to_thread(
-            self._done_marker(delivery.sender_site, header.message_id).exists
-        ):
+        key = (delivery.sender_site, header.message_id)
+        if key not in self._gathering and await asyncio.to_thread(self._on_disk, *key):
+            # Done already (a duplicate), or part of it is spooled: the rest joins it there.
             await self._handle_spooled(delivery, header)
             return None
         handled, gathering = await self._gather(delivery, header)
         if not handled:
             await self._handle_spooled(delivery, header)
         return gathering
+
+    def _on_disk(self, sender: str, transfer_id: bytes) -> bool:
+        """Whether the transfer is done, or has messages in the spool (one thread hop)."""
+        return (
+            self._done_marker(sender, transfer_id).exists()
+            or self.spool.transfer_dir(sender, transfer_id).exists()
+        )
 
     async def _gather(self, delivery: Delivery, header: Header) -> tuple[bool, _Gathering | None]:
         """Hold a message of a one-fragment transfer in memory, or, if the other one is
@@ -473,10 +480,7 @@ class Receiver:
         sender, body = delivery.sender_site, delivery.body
         key = (sender, header.message_id)
         gathering = self._gathering.get(key)
-        if gathering is None:
-            folder = self.spool.transfer_dir(sender, header.message_id)
-            if await asyncio.to_thread(folder.exists):
-                return False, None  # part of it is spooled: the rest joins it there
+        if gathering is None:  # neither done nor spooled (``_on_disk``)
             manifest = None
             try:
                 if header.kind is Kind.FRAGMENT:
