@@ -160,6 +160,7 @@ class Federation:
         recipient: str = "hosp-b",
         fragment_size: int = 1024,
         meta: dict[str, Any] | None = None,
+        state: bytes = b"{}",
     ) -> SealedTransfer:
         return seal_file(
             source,
@@ -168,6 +169,7 @@ class Federation:
             recipient=self.recipient(recipient),
             fragment_size=fragment_size,
             meta=meta,
+            state=state,
         )
 
     def with_directory(self, body: fed.DirectoryBody) -> Federation:

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from dicombridge.durable import pad
+from dicombridge.fragments import INFO_BYTES, SEALED_MAGIC, STATE_BYTES
+
 CLI = [sys.executable, "-c", "from dicombridge.cli import main; main()"]
 
 
@@ -205,14 +208,20 @@ def retention_site(tmp_path: Path) -> tuple[Path, Path]:
     run("init", "--site", "hosp-a", "--dir", tmp_path / "a")
     var = tmp_path / "a" / "var"
     now = datetime.now(UTC).replace(microsecond=0)  # the CLI counts ages in whole seconds
-    entry = var / "outbox" / ("0a" * 16)
-    entry.mkdir(parents=True)
-    (entry / "transfer.json").write_text(
-        json.dumps({"transfer_id": "0a" * 16, "recipient_site": "hosp-b"})
-    )
-    (entry / "fragments.bin").write_bytes(b"\0" * 3000)
-    (entry / "state.json").write_text(
-        json.dumps({"created_at": (now - timedelta(days=20)).isoformat(), "attempts": 1})
+    info = {
+        "transfer_id": "0a" * 16,
+        "recipient_site": "hosp-b",
+        "fragment_size": 3000,
+        "fragment_count": 1,
+        "total_length": 2952,
+        "manifest_length": 0,
+    }
+    state = {"created_at": (now - timedelta(days=20)).isoformat(), "attempts": 1}
+    (var / "outbox").mkdir(parents=True)
+    (var / "outbox" / f"{'0a' * 16}.sealed").write_bytes(
+        pad(SEALED_MAGIC + json.dumps(info).encode(), INFO_BYTES)
+        + pad(json.dumps(state).encode(), STATE_BYTES)
+        + b"\0" * 3000
     )
     held = var / "quarantine" / "hosp-b" / ("0b" * 16)
     held.mkdir(parents=True)
@@ -258,7 +267,7 @@ def test_retention_purge_dry_run_then_purge(tmp_path: Path) -> None:
     assert "purged 1 item(s)" in result.stdout
     assert "purge_outbox = false" in result.stdout
     assert not (var / "quarantine" / "hosp-b" / ("0b" * 16)).exists()
-    assert (var / "outbox" / ("0a" * 16) / "fragments.bin").exists()
+    assert (var / "outbox" / f"{'0a' * 16}.sealed").exists()
     assert json.loads(run("retention", "purge", "--config", config, "--json").stdout) == []
 
 

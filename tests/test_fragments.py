@@ -26,10 +26,12 @@ from dicombridge.errors import (
     UnsupportedVersionError,
 )
 from dicombridge.fragments import (
-    FRAGMENTS_FILE,
-    MANIFEST_FILE,
-    TRANSFER_FILE,
+    INFO_BYTES,
+    PREAMBLE_BYTES,
+    SEALED_MAGIC,
+    STATE_BYTES,
     SealedTransfer,
+    migrate_directory,
     seal_file,
 )
 from dicombridge.keys import Validity
@@ -284,27 +286,31 @@ def test_control_messages_do_not_go_to_the_spool(site: Site) -> None:
 
 
 def test_sealed_transfer_layout(tmp_path: Path, site: Site) -> None:
-    """The outbox holds transfer.json, manifest.msg, fragments.bin; record i at i*(32+size+16)."""
+    """The outbox holds one file <id>.sealed: magic and info, the state block, the fragment
+    records (record i at PREAMBLE_BYTES + i*(32+size+16)), then the manifest."""
     source, _ = _source(tmp_path, 10_000)
     transfer = site.fed.seal(source, site.outbox, fragment_size=3000, meta={"x": 1})
-    assert [p.name for p in site.outbox.iterdir()] == [transfer.transfer_id_hex]
-    assert sorted(p.name for p in transfer.path.iterdir()) == sorted(
-        [TRANSFER_FILE, MANIFEST_FILE, FRAGMENTS_FILE]
-    )
+    assert [p.name for p in site.outbox.iterdir()] == [f"{transfer.transfer_id_hex}.sealed"]
+    assert transfer.path.is_file()
+    blob = transfer.path.read_bytes()
+    assert blob.startswith(SEALED_MAGIC)
+    assert len(blob) == transfer.file_bytes
     record = FRAGMENT_HEADER_BYTES + 3000 + 16
     assert transfer.record_bytes == record
-    blob = (transfer.path / FRAGMENTS_FILE).read_bytes()
-    assert len(blob) == 3 * record + FRAGMENT_HEADER_BYTES + 1000 + 16
+    fragments = blob[PREAMBLE_BYTES : PREAMBLE_BYTES + transfer.fragments_bytes]
+    assert len(fragments) == 3 * record + FRAGMENT_HEADER_BYTES + 1000 + 16
     bodies = list(transfer.fragment_bodies())
     assert [i for i, _ in bodies] == [0, 1, 2, 3]
     for index, body in bodies:
-        assert blob[index * record : index * record + len(body)] == body
+        assert fragments[index * record : index * record + len(body)] == body
         assert transfer.fragment_body(index) == body
     for bad in (-1, 4):
         with pytest.raises(IndexError):
             transfer.fragment_body(bad)
-    assert transfer.sealed_bytes == len(blob) + len(transfer.manifest_body())
-    info = json.loads((transfer.path / TRANSFER_FILE).read_text())
+    assert blob[PREAMBLE_BYTES + transfer.fragments_bytes :] == transfer.manifest_body()
+    assert transfer.sealed_bytes == len(fragments) + len(transfer.manifest_body())
+    info = SealedTransfer.info(transfer.path)
+    assert info == json.loads(blob[len(SEALED_MAGIC) : INFO_BYTES])
     assert set(info) == {
         "transfer_id",
         "recipient_site",
@@ -313,20 +319,77 @@ def test_sealed_transfer_layout(tmp_path: Path, site: Site) -> None:
         "fragment_size",
         "fragment_count",
         "total_length",
+        "manifest_length",
     }
+    assert json.loads(transfer.read_state()) == {}
     assert SealedTransfer.load(transfer.path) == transfer
 
 
+def test_state_block_is_rewritten_in_place(tmp_path: Path, site: Site) -> None:
+    """write_state replaces the state block and touches nothing else; too large is refused."""
+    source, _ = _source(tmp_path, 10_000)
+    transfer = site.fed.seal(source, site.outbox, fragment_size=3000, state=b'{"a":1}')
+    assert json.loads(transfer.read_state()) == {"a": 1}
+    before = transfer.path.read_bytes()
+    transfer.write_state(b'{"published":true}')
+    after = transfer.path.read_bytes()
+    assert json.loads(transfer.read_state()) == {"published": True}
+    assert after[:INFO_BYTES] == before[:INFO_BYTES]
+    assert after[PREAMBLE_BYTES:] == before[PREAMBLE_BYTES:]
+    with pytest.raises(ValueError, match="does not fit"):
+        transfer.write_state(b"x" * (STATE_BYTES + 1))
+    assert json.loads(transfer.read_state()) == {"published": True}
+
+
+def test_a_file_that_is_not_a_sealed_transfer_is_refused(tmp_path: Path) -> None:
+    """load and info refuse a file without the magic, or with unreadable info, by name."""
+    stray = tmp_path / "0123.sealed"
+    stray.write_bytes(b"hello" * 100)
+    for read in (SealedTransfer.load, SealedTransfer.info):
+        with pytest.raises(EnvelopeError, match="not a sealed transfer"):
+            read(stray)
+    stray.write_bytes(SEALED_MAGIC + b'{"transfer_id": "zz"}'.ljust(INFO_BYTES))
+    with pytest.raises(EnvelopeError, match="unreadable transfer info"):
+        SealedTransfer.load(stray)
+
+
 def test_truncated_outbox_file_is_reported(tmp_path: Path, site: Site) -> None:
-    """A fragments.bin cut short on disk raises instead of publishing a short fragment."""
+    """A sealed file cut short on disk raises instead of publishing a short fragment."""
     source, _ = _source(tmp_path, 10_000)
     transfer = site.fed.seal(source, site.outbox, fragment_size=3000)
-    blob = transfer.path / FRAGMENTS_FILE
-    blob.write_bytes(blob.read_bytes()[:-1])
+    blob = transfer.path.read_bytes()
+    transfer.path.write_bytes(blob[: PREAMBLE_BYTES + transfer.fragments_bytes - 1])
     with pytest.raises(EnvelopeError, match="truncated"):
         transfer.fragment_body(3)
     with pytest.raises(EnvelopeError, match="truncated"):
         list(transfer.fragment_bodies())
+    with pytest.raises(EnvelopeError, match="truncated"):
+        transfer.manifest_body()
+
+
+def test_legacy_directory_is_migrated_byte_for_byte(tmp_path: Path, site: Site) -> None:
+    """A transfer in the older directory layout becomes <id>.sealed with the same
+    ciphertext, the given state, and opens at the receiver; the directory is gone."""
+    source, content = _source(tmp_path, 10_000)
+    transfer = site.fed.seal(source, site.outbox, fragment_size=3000, meta={"x": 1})
+    legacy = site.outbox / transfer.transfer_id_hex
+    legacy.mkdir()
+    info = SealedTransfer.info(transfer.path)
+    del info["manifest_length"]
+    (legacy / "transfer.json").write_text(json.dumps(info))
+    (legacy / "manifest.msg").write_bytes(transfer.manifest_body())
+    (legacy / "fragments.bin").write_bytes(b"".join(b for _, b in transfer.fragment_bodies()))
+    original = transfer.path.read_bytes()
+    transfer.path.unlink()
+
+    migrated = migrate_directory(legacy, state=b'{"attempts":2}')
+    assert not legacy.exists()
+    assert migrated == transfer
+    assert migrated.path.read_bytes()[PREAMBLE_BYTES:] == original[PREAMBLE_BYTES:]
+    assert json.loads(migrated.read_state()) == {"attempts": 2}
+    deliver(site.spool, "hosp-a", messages(migrated))
+    site.assemble(migrated.transfer_id)
+    assert site.out.read_bytes() == content
 
 
 @pytest.mark.parametrize("fragment_size", [0, -1, 16 * MIB + 1])
@@ -357,8 +420,8 @@ def test_existing_transfer_id_is_not_overwritten(tmp_path: Path, site: Site) -> 
     """Sealing again under an existing transfer id fails and keeps the first transfer intact."""
     source, _ = _source(tmp_path, 5000)
     first = site.fed.seal(source, site.outbox, fragment_size=1000)
-    before = (first.path / FRAGMENTS_FILE).read_bytes()
-    with pytest.raises(OSError, match=r"Directory not empty|File exists"):
+    before = first.path.read_bytes()
+    with pytest.raises(FileExistsError):
         seal_file(
             source,
             site.outbox,
@@ -367,8 +430,8 @@ def test_existing_transfer_id_is_not_overwritten(tmp_path: Path, site: Site) -> 
             fragment_size=1000,
             transfer_id=first.transfer_id,
         )
-    assert (first.path / FRAGMENTS_FILE).read_bytes() == before
-    assert sorted(p.name for p in site.outbox.iterdir()) == [first.transfer_id_hex]
+    assert first.path.read_bytes() == before
+    assert sorted(p.name for p in site.outbox.iterdir()) == [first.path.name]
 
 
 # --- refusals: nothing is written -------------------------------------------------------------
@@ -803,12 +866,8 @@ def test_no_identifier_or_hash_in_clear(tmp_path: Path, site: Site) -> None:
         transfer = site.fed.seal(source, site.outbox, fragment_size=16384, meta=meta)
         deliver(site.spool, "hosp-a", messages(transfer))
         spooled = site.spool.transfer_dir("hosp-a", transfer.transfer_id)
-        files = [*transfer.path.iterdir(), *spooled.iterdir()]
-        assert {p.name for p in transfer.path.iterdir()} == {
-            MANIFEST_FILE,
-            FRAGMENTS_FILE,
-            TRANSFER_FILE,
-        }
+        files = [transfer.path, *spooled.iterdir()]
+        assert transfer.path.is_file()
         found = [
             (what, str(path.relative_to(tmp_path)))
             for path in files

@@ -9,7 +9,6 @@ import logging
 import os
 import shutil
 import subprocess
-import traceback
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 
 from dicombridge.control import Receipt
 from dicombridge.errors import OutboxDiskFullError, OutboxFullError
-from dicombridge.fragments import SealedTransfer
+from dicombridge.fragments import INFO_BYTES, PREAMBLE_BYTES, SealedTransfer
 from dicombridge.outbox import Outbox
 from tests.cryptokit import Federation, make_federation
 
@@ -189,23 +188,104 @@ def test_receipt_before_the_publisher_marks_the_entry_published(
     assert outbox.count == 0
 
 
-def test_a_crash_while_an_entry_is_deleted_leaves_it_whole_or_gone(
+def test_leftovers_of_a_crash_are_cleared_at_start_and_never_listed(
     fed: Federation, tmp_path: Path
 ) -> None:
-    """Deleting renames the entry away first; what a crash left (a renamed entry, or an
-    entry an older version half deleted) is cleared at the next start, and never counted
-    or listed as an entry meanwhile."""
-    outbox = Outbox(tmp_path / "outbox", max_bytes=10**9, max_count=10)
+    """What a crash left (a half-sealed .sealing file, a .sealing file beside the sealed
+    file it was linked to, an older version's renamed-away or half-deleted entry
+    directory) is cleared by recover() and never counted or listed as an entry."""
+    root = tmp_path / "outbox"
+    outbox = Outbox(root, max_bytes=10**9, max_count=10)
     kept = admit(outbox, fed, tmp_path, 100)
-    renamed, half = admit(outbox, fed, tmp_path, 100), admit(outbox, fed, tmp_path, 100)
-    renamed.path.rename(renamed.path.with_name(f".{renamed.path.name}.removing"))
-    (half.path / "transfer.json").unlink()  # as if rmtree was killed midway
-    restarted = Outbox(tmp_path / "outbox", max_bytes=10**9, max_count=10)
+    (root / ".0a0a.sealing").write_bytes(b"half")
+    os.link(kept.path, root / f".{kept.transfer_id_hex}.sealing")
+    (root / ".0b0b.removing").mkdir()
+    (root / ".0b0b.removing" / "fragments.bin").write_bytes(b"x")
+    (root / "0c0c").mkdir()  # an older version's entry whose transfer.json rmtree took
+    (root / "0c0c" / "fragments.bin").write_bytes(b"x")
+    restarted = Outbox(root, max_bytes=10**9, max_count=10)
     assert [e.transfer.transfer_id_hex for e in restarted.entries()] == [kept.transfer_id_hex]
+    assert restarted.count == 1
     restarted.recover()
-    assert [p.name for p in (tmp_path / "outbox").iterdir()] == [kept.path.name]
+    assert [p.name for p in root.iterdir()] == [kept.path.name]
+    assert restarted.count == 1
     restarted.record_receipt(Receipt(kept.transfer_id, "stored", 0), from_site="hosp-b")
-    assert list((tmp_path / "outbox").iterdir()) == []
+    assert list(root.iterdir()) == []
+    assert restarted.count == 0
+
+
+def _as_legacy_directory(sealed: SealedTransfer, state: dict[str, object]) -> Path:
+    """Rewrite a sealed file as the older layout's entry directory (what a gateway of an
+    earlier version left in its outbox)."""
+    legacy = sealed.path.with_name(sealed.transfer_id_hex)
+    legacy.mkdir()
+    info = SealedTransfer.info(sealed.path)
+    del info["manifest_length"]
+    (legacy / "transfer.json").write_text(json.dumps(info))
+    (legacy / "manifest.msg").write_bytes(sealed.manifest_body())
+    (legacy / "fragments.bin").write_bytes(b"".join(b for _, b in sealed.fragment_bodies()))
+    (legacy / "state.json").write_text(json.dumps(state, indent=1).ljust(1024))
+    sealed.path.unlink()
+    return legacy
+
+
+def test_an_older_outbox_is_migrated_at_start_with_its_state(
+    fed: Federation, tmp_path: Path
+) -> None:
+    """Entries of the directory layout become sealed files at recover(): same messages,
+    same state (published, attempts, receipt), counted; a directory whose file already
+    exists (a crash mid-migration) is removed, not migrated twice."""
+    root = tmp_path / "outbox"
+    outbox = Outbox(root, max_bytes=10**9, max_count=10)
+    published, fresh = admit(outbox, fed, tmp_path, 10_000), admit(outbox, fed, tmp_path, 100)
+    twice = admit(outbox, fed, tmp_path, 100)
+    messages = {
+        t.transfer_id_hex: [t.manifest_body(), *dict(t.fragment_bodies()).values()]
+        for t in (published, fresh)
+    }
+    state = {
+        "created_at": "2026-01-01T00:00:00+00:00",
+        "attempts": 3,
+        "published_at": "2026-01-01T00:00:01+00:00",
+    }
+    _as_legacy_directory(published, state)
+    _as_legacy_directory(fresh, {"created_at": "2026-01-02T00:00:00+00:00", "attempts": 0})
+    (root / twice.transfer_id_hex).mkdir()
+    (root / twice.transfer_id_hex / "transfer.json").write_text("{}")
+
+    restarted = Outbox(root, max_bytes=10**9, max_count=10)
+    restarted.recover()
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        f"{t.transfer_id_hex}.sealed" for t in (published, fresh, twice)
+    )
+    assert restarted.count == 3
+    entries = {e.transfer.transfer_id_hex: e for e in restarted.entries()}
+    assert entries[published.transfer_id_hex].state == state
+    assert entries[published.transfer_id_hex].published
+    assert not entries[fresh.transfer_id_hex].published
+    for tid, bodies in messages.items():
+        transfer = entries[tid].transfer
+        assert [transfer.manifest_body(), *dict(transfer.fragment_bodies()).values()] == bodies
+    due = {e.transfer.transfer_id_hex for e in restarted.due_for_resend(older_than_s=0)}
+    assert due == {published.transfer_id_hex}
+
+
+def test_a_stray_file_in_the_outbox_is_logged_and_left_alone(
+    fed: Federation, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A *.sealed file that is not a sealed transfer is named in an error log, not listed,
+    not deleted; the entries beside it are served."""
+    root = tmp_path / "outbox"
+    outbox = Outbox(root, max_bytes=10**9, max_count=10)
+    kept = admit(outbox, fed, tmp_path, 100)
+    stray = root / "ffff.sealed"
+    stray.write_bytes(b"copied here by hand")
+    with caplog.at_level(logging.ERROR, logger="dicombridge.outbox"):
+        listed = [e.transfer.transfer_id_hex for e in outbox.entries()]
+    assert listed == [kept.transfer_id_hex]
+    assert outbox.get("ffff") is None
+    assert stray.exists()
+    assert any(r.__dict__.get("file") == "ffff.sealed" for r in caplog.records)
 
 
 # --- a full disk ------------------------------------------------------------------------
@@ -226,7 +306,7 @@ def test_admit_on_a_full_disk_leaves_nothing_and_works_once_there_is_room(
     fed: Federation, tmp_path: Path, small_outbox_disk: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """ENOSPC while sealing raises OutboxDiskFullError (an OutboxFullError: 0xA700), removes
-    the half-written .sealing directory, logs the directory and the bytes free; after room
+    the half-written .sealing file, logs the directory and the bytes free; after room
     is freed the same instance is admitted."""
     outbox = Outbox(small_outbox_disk, max_bytes=10**9, max_count=100)
     source = tmp_path / "instance.bin"
@@ -265,7 +345,7 @@ def test_admit_on_a_full_disk_leaves_nothing_and_works_once_there_is_room(
         fragment_size=65536,
         meta={"node": "PACS"},
     )
-    assert outbox_files(small_outbox_disk) == [sealed.transfer_id_hex]
+    assert outbox_files(small_outbox_disk) == [sealed.path.name]
     assert outbox.count == 1
     entry = outbox.get(sealed.transfer_id_hex)
     assert entry is not None
@@ -276,15 +356,16 @@ def test_admit_on_a_full_disk_leaves_nothing_and_works_once_there_is_room(
 def test_disk_full_after_the_fragments_fit_leaves_no_entry(
     fed: Federation, tmp_path: Path, small_outbox_disk: Path
 ) -> None:
-    """When the fragments fit but the manifest or the small files after them do not, the
-    transfer is still taken back whole: no entry, no .sealing leftover."""
+    """When the fragments fit but the manifest and the preamble written after them do not,
+    the transfer is still taken back whole: no entry, no .sealing leftover."""
     source = tmp_path / "instance.bin"
     source.write_bytes(os.urandom(200_000))
     trial = fed.seal(source, tmp_path / "trial", fragment_size=65536)
-    fragments_bytes = (trial.path / "fragments.bin").stat().st_size
     outbox = Outbox(small_outbox_disk, max_bytes=10**9, max_count=100)
-    # Room for fragments.bin, rounded up to whole pages, and not a page more.
-    fill_disk(small_outbox_disk, leave_bytes=-(-fragments_bytes // PAGE) * PAGE)
+    # Room for the pages the fragments fill (the preamble before them is a hole until it
+    # is written last), and not a page more.
+    fragment_pages = -(-(PREAMBLE_BYTES + trial.fragments_bytes) // PAGE) - PREAMBLE_BYTES // PAGE
+    fill_disk(small_outbox_disk, leave_bytes=fragment_pages * PAGE)
     with pytest.raises(OutboxDiskFullError) as info:
         outbox.admit(
             source,
@@ -295,9 +376,8 @@ def test_disk_full_after_the_fragments_fit_leaves_no_entry(
             meta={"node": "PACS"},
         )
     cause = info.value.__cause__
-    assert cause is not None
-    failed_in = [frame.name for frame in traceback.extract_tb(cause.__traceback__)]
-    assert "write_new_durably" in failed_in  # the manifest (or a file after it), not fragments.bin
+    assert isinstance(cause, OSError)
+    assert cause.errno == errno.ENOSPC
     assert outbox_files(small_outbox_disk) == ["filler"]
     assert outbox.count == 0
 
@@ -305,46 +385,44 @@ def test_disk_full_after_the_fragments_fit_leaves_no_entry(
 def test_state_is_updated_in_place_even_on_a_full_disk(
     fed: Federation, tmp_path: Path, small_outbox_disk: Path
 ) -> None:
-    """The state file is created padded and rewritten in place: marking an entry
-    published needs no new file and no new block, so it works on a full disk too, and
-    leaves no temporary file."""
+    """The state lives in the sealed file's state block, rewritten in place: marking an
+    entry published and recording a receipt need no new file and no new block, so they
+    work on a full disk too, and leave no temporary file."""
     outbox = Outbox(small_outbox_disk, max_bytes=10**9, max_count=100)
     sealed = admit(outbox, fed, tmp_path, 10_000)
-    inode = (sealed.path / "state.json").stat().st_ino
+    inode = sealed.path.stat().st_ino
     fill_disk(small_outbox_disk)
     outbox.mark_published(sealed.transfer_id_hex)
+    outbox.record_receipt(
+        Receipt(sealed.transfer_id, "failed", 0xA702, "x" * 10_000), from_site="hosp-b"
+    )
     entry = outbox.get(sealed.transfer_id_hex)
     assert entry is not None
     assert entry.published
-    assert (sealed.path / "state.json").stat().st_ino == inode
-    assert sorted(p.name for p in sealed.path.iterdir()) == [
-        "fragments.bin",
-        "manifest.msg",
-        "state.json",
-        "transfer.json",
-    ]
+    assert entry.state["receipt"]["status"] == 0xA702
+    assert entry.state["receipt"]["error_comment"] == "x" * 256  # kept short, fits the block
+    assert sealed.path.stat().st_ino == inode
+    assert outbox_files(small_outbox_disk) == sorted(["filler", sealed.path.name])
 
 
-def test_state_not_saved_on_a_full_disk_keeps_the_entry(
-    fed: Federation, tmp_path: Path, small_outbox_disk: Path, caplog: pytest.LogCaptureFixture
+def test_an_unreadable_state_block_reads_as_not_yet_published(
+    fed: Federation, tmp_path: Path
 ) -> None:
-    """A state that does not fit in place (here: an unpadded state file) is replaced by a
-    new file; on a full disk that fails, is logged, and the entry stays whole with its
-    old state (published again at the next start), no temp file."""
-    outbox = Outbox(small_outbox_disk, max_bytes=10**9, max_count=100)
+    """A state block a power loss tore reads as no state: the entry is still listed and is
+    published again (a re-send costs nothing; its recipient answers with the receipt it
+    recorded), its messages intact."""
+    outbox = Outbox(tmp_path / "outbox", max_bytes=10**9, max_count=100)
     sealed = admit(outbox, fed, tmp_path, 10_000)
-    (sealed.path / "state.json").write_text(json.dumps({"attempts": 0}))
-    fill_disk(small_outbox_disk)
-    with caplog.at_level(logging.ERROR, logger="dicombridge.outbox"):
-        outbox.mark_published(sealed.transfer_id_hex)
-    assert any("state not saved" in r.getMessage() for r in caplog.records)
+    outbox.mark_published(sealed.transfer_id_hex)
+    with open(sealed.path, "r+b") as handle:
+        handle.seek(INFO_BYTES + 10)
+        handle.write(b"\0" * 16)  # a sector of the block half written
     entry = outbox.get(sealed.transfer_id_hex)
     assert entry is not None
+    assert entry.state == {}
     assert not entry.published
-    assert sorted(p.name for p in sealed.path.iterdir()) == [
-        "fragments.bin",
-        "manifest.msg",
-        "state.json",
-        "transfer.json",
-    ]
-    assert json.loads((sealed.path / "state.json").read_text())["attempts"] == 0
+    assert entry.transfer.manifest_body() == sealed.manifest_body()
+    outbox.mark_published(sealed.transfer_id_hex)
+    again = outbox.get(sealed.transfer_id_hex)
+    assert again is not None
+    assert again.published

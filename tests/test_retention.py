@@ -17,6 +17,7 @@ import pytest
 from dicombridge import retention
 from dicombridge.config import RetentionSection, load
 from dicombridge.errors import ConfigError
+from dicombridge.fragments import SealedTransfer
 from dicombridge.identity import init_site
 from dicombridge.outbox import Outbox
 from dicombridge.quarantine import Quarantine
@@ -47,7 +48,7 @@ class Storage:
     def path(self, area: AreaName) -> Path:
         r = self.root
         return {
-            "outbox": r / "outbox" / self.outbox,
+            "outbox": r / "outbox" / f"{self.outbox}.sealed",
             "spool": r / "spool" / "hosp-a" / self.spool,
             "incoming": r / "incoming" / f"hosp-a.{self.incoming}.dcm",
             "quarantine": r / "quarantine" / "hosp-a" / self.quarantine,
@@ -113,6 +114,14 @@ def set_json(path: Path, key: str, value: datetime) -> None:
     path.write_text(json.dumps(document))
 
 
+def set_admitted_at(sealed: Path, value: datetime) -> None:
+    """Set when an outbox entry was admitted, in its sealed file's state block."""
+    transfer = SealedTransfer.load(sealed)
+    state = json.loads(transfer.read_state())
+    state["created_at"] = value.isoformat()
+    transfer.write_state(json.dumps(state).encode())
+
+
 def set_mtime(path: Path, value: datetime) -> None:
     for target in [path, *path.rglob("*")] if path.is_dir() else [path]:
         os.utime(target, (value.timestamp(), value.timestamp()))
@@ -123,7 +132,7 @@ def age(storage: Storage, area: AreaName, days: float) -> None:
     at = storage.now - days * DAY
     path = storage.path(area)
     if area == "outbox":
-        set_json(path / "state.json", "created_at", at)
+        set_admitted_at(path, at)
     elif area == "quarantine":
         set_json(path / "reason.json", "at", at)
     else:
@@ -353,7 +362,7 @@ async def test_run_retention_alarms_and_purges(
     """The gateway's loop logs an alarm per area near or past its limit and purges."""
     real_now = datetime.now(UTC)
     set_json(storage.path("quarantine") / "reason.json", "at", real_now - 40 * DAY)
-    set_json(storage.path("outbox") / "state.json", "created_at", real_now - 12 * DAY)
+    set_admitted_at(storage.path("outbox"), real_now - 12 * DAY)
     purged: list[RetentionItem] = []
     done = asyncio.Event()
 

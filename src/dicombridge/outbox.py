@@ -12,15 +12,18 @@ logs the directory and the bytes free, and raises ``OutboxDiskFullError`` (an
 
 ::
 
-    outbox/<transfer-id>/            a sealed transfer (see fragments.py), plus
-    outbox/<transfer-id>/state.json  published?, attempts, last receipt (no PHI)
+    outbox/<transfer-id>.sealed   a sealed transfer (one file, see fragments.py); its
+                                  state block says published?, attempts, last receipt
+                                  (no PHI), rewritten in place
+
+Per instance the outbox creates one file and removes it when the stored receipt comes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import os
 import shutil
 import threading
 from dataclasses import dataclass
@@ -30,22 +33,30 @@ from typing import Any, Final
 
 from dicombridge.control import Receipt
 from dicombridge.directory import Directory
-from dicombridge.durable import (
-    free_bytes,
-    is_disk_full,
-    pad,
-    rewrite_in_place,
-    write_atomically,
-)
+from dicombridge.durable import free_bytes, is_disk_full
 from dicombridge.envelope import Sender, sealed_fragment_bytes
-from dicombridge.errors import KeyMaterialError, OutboxDiskFullError, OutboxFullError
-from dicombridge.fragments import TRANSFER_FILE, Recipient, SealedTransfer, seal_file
+from dicombridge.errors import (
+    EnvelopeError,
+    KeyMaterialError,
+    OutboxDiskFullError,
+    OutboxFullError,
+)
+from dicombridge.fragments import (
+    SEALED_SUFFIX,
+    SEALING_SUFFIX,
+    STATE_BYTES,
+    Recipient,
+    SealedTransfer,
+    migrate_directory,
+    seal_file,
+    sealed_path,
+)
 from dicombridge.keys import newest_valid, utc_now
 
 log = logging.getLogger(__name__)
 
-STATE_FILE: Final = "state.json"
-STATE_BLOCK: Final = 1024
+# A receipt's Error Comment is kept to this many characters in the state block.
+_COMMENT_CHARS: Final = 256
 
 
 @dataclass(frozen=True)
@@ -83,22 +94,29 @@ class Outbox:
             self._sizes[entry.transfer.transfer_id_hex] = entry.transfer.sealed_bytes
 
     def recover(self) -> None:
-        """At gateway start: drop half-sealed leftovers of a crash.
+        """At gateway start: drop half-sealed leftovers of a crash, and rewrite entries
+        of the older layout (a directory per entry) as sealed files.
 
-        The modality was never answered success for them, so it sends them again.
-        Only the gateway calls this (never a CLI reading the outbox while it runs).
+        The modality was never answered success for a half-sealed one, so it sends it
+        again. Only the gateway calls this (never a CLI reading the outbox while it runs).
         """
-        for leftover in self.root.glob(".*.sealing"):
-            shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in self.root.glob(f".*{SEALING_SUFFIX}"):
+            _remove_path(leftover)
         for leftover in self.root.glob(".*.removing"):
             shutil.rmtree(leftover, ignore_errors=True)
         for path in self.root.iterdir():
-            # An entry is renamed away before it is deleted; one without its transfer
-            # file was half deleted by an older version: finish the job.
-            if not path.name.startswith(".") and not (path / TRANSFER_FILE).exists():
+            if path.name.startswith(".") or not path.is_dir():
+                continue
+            if sealed_path(self.root, path.name).exists() or not (path / "transfer.json").exists():
+                # Migrated already (a crash before the directory went), or half deleted
+                # by an older version: finish the job.
                 shutil.rmtree(path, ignore_errors=True)
-                with self._lock:
-                    self._sizes.pop(path.name, None)
+                continue
+            state = _read_legacy_state(path)
+            transfer = migrate_directory(path, state=_encode_state(state))
+            with self._lock:
+                self._sizes[transfer.transfer_id_hex] = transfer.sealed_bytes
+            log.info("outbox entry rewritten as one file", extra={"transfer_id": path.name})
 
     @property
     def used_bytes(self) -> int:
@@ -152,9 +170,9 @@ class Outbox:
                 recipient=recipient,
                 fragment_size=fragment_size,
                 meta=meta,
-                # In the sealed directory before it appears: an entry is never seen
+                # In the sealed file before it appears: an entry is never seen
                 # without its state, and a failed write leaves no entry at all.
-                extra_files={STATE_FILE: _encode_state(state)},
+                state=_encode_state(state),
             )
         except OSError as exc:
             if not is_disk_full(exc):
@@ -188,17 +206,27 @@ class Outbox:
     def entries(self) -> list[OutboxEntry]:
         """Every complete entry, oldest first."""
         found = []
-        for path in self.root.iterdir():
-            if path.name.startswith(".") or not (path / TRANSFER_FILE).exists():
-                continue
-            found.append(OutboxEntry(SealedTransfer.load(path), self._read_state(path)))
+        for path in self.root.glob(f"*{SEALED_SUFFIX}"):
+            entry = self._load(path)
+            if entry is not None:
+                found.append(entry)
         return sorted(found, key=lambda e: str(e.state.get("created_at", "")))
 
     def get(self, transfer_id_hex: str) -> OutboxEntry | None:
-        path = self.root / transfer_id_hex
-        if not (path / TRANSFER_FILE).exists():
+        return self._load(sealed_path(self.root, transfer_id_hex))
+
+    def _load(self, path: Path) -> OutboxEntry | None:
+        try:
+            transfer = SealedTransfer.load(path)
+            return OutboxEntry(transfer, _decode_state(transfer.read_state()))
+        except FileNotFoundError:
+            return None  # ended meanwhile (a receipt, a purge)
+        except EnvelopeError as exc:
+            log.error(
+                "outbox file is not a sealed transfer; left alone",
+                extra={"file": path.name, "detail": str(exc)},
+            )
             return None
-        return OutboxEntry(SealedTransfer.load(path), self._read_state(path))
 
     def due_for_resend(self, *, older_than_s: float) -> list[OutboxEntry]:
         """Published entries whose stored receipt has not come within ``older_than_s``.
@@ -228,13 +256,13 @@ class Outbox:
             state = dict(entry.state)
             state["published_at"] = utc_now().isoformat()
             state["attempts"] = int(state.get("attempts", 0)) + 1
-            self._keep_state(entry.transfer.path, state)
+            self._keep_state(entry.transfer, state)
 
     def remove(self, transfer_id_hex: str) -> None:
         """Drop an entry: an admission whose modality was answered a failure after all,
         or one retention purged (its directory already gone)."""
         with self._entry_lock:
-            self._delete(self.root / transfer_id_hex)
+            self._delete(sealed_path(self.root, transfer_id_hex))
         with self._lock:
             self._sizes.pop(transfer_id_hex, None)
 
@@ -258,35 +286,21 @@ class Outbox:
             state["receipt"] = {
                 "outcome": receipt.outcome,
                 "status": receipt.status,
-                "error_comment": receipt.error_comment,
+                "error_comment": (receipt.error_comment or "")[:_COMMENT_CHARS] or None,
                 "at": utc_now().isoformat(),
             }
-            self._keep_state(entry.transfer.path, state)
+            self._keep_state(entry.transfer, state)
             return OutboxEntry(entry.transfer, state)
 
     def _delete(self, path: Path) -> None:
-        """Delete an entry so that a crash leaves it whole or gone: renamed away first
-        (atomic), then removed; ``recover`` finishes what a crash interrupted."""
-        trash = self.root / f".{path.name}.removing"
-        shutil.rmtree(trash, ignore_errors=True)
-        try:
-            os.replace(path, trash)
-        except FileNotFoundError:
-            return
-        # Not fsynced: a power loss may bring the entry back whole, and a whole entry is
-        # published again after ``resend_after_s``; its recipient answers the re-send with
-        # the receipt it recorded, and the entry ends again.
-        shutil.rmtree(trash, ignore_errors=True)
+        """Delete an entry (one unlink: a crash leaves it whole or gone).
 
-    @staticmethod
-    def _read_state(path: Path) -> dict[str, Any]:
-        try:
-            state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        return state if isinstance(state, dict) else {}
+        Not fsynced: a power loss may bring the entry back whole, and a whole entry is
+        published again after ``resend_after_s``; its recipient answers the re-send with
+        the receipt it recorded, and the entry ends again."""
+        _remove_path(path)
 
-    def _keep_state(self, path: Path, state: dict[str, Any]) -> None:
+    def _keep_state(self, transfer: SealedTransfer, state: dict[str, Any]) -> None:
         """Save an entry's new state; on a full disk, log it and keep the old one.
 
         The entry itself is whole, and its state only says what was done with it: with
@@ -295,13 +309,13 @@ class Outbox:
         recipient), so this never stops the publisher or the receipt consumer. For the
         same reason the state is not fsynced: a power loss that brings the old state back
         (or leaves it unreadable: read as no state) costs a re-send, not an instance. It
-        is rewritten in place (the file is created padded, see ``_encode_state``): no new
-        file per update, which on ext4 without a journal costs more than the write.
+        is rewritten in place in the sealed file's state block: no new file per update,
+        which on ext4 without a journal costs more than the write.
         """
-        data = _encode_state(state)
         try:
-            if not rewrite_in_place(path / STATE_FILE, data):
-                write_atomically(path / STATE_FILE, data)
+            transfer.write_state(_encode_state(state))
+        except FileNotFoundError:
+            return  # ended meanwhile
         except OSError as exc:
             if not is_disk_full(exc):
                 raise
@@ -310,12 +324,38 @@ class Outbox:
                 extra={
                     "directory": str(self.root),
                     "free_bytes": free_bytes(self.root),
-                    "transfer_id": path.name,
+                    "transfer_id": transfer.transfer_id_hex,
                 },
             )
 
 
 def _encode_state(state: dict[str, Any]) -> bytes:
-    """JSON padded with spaces to a multiple of ``STATE_BLOCK`` bytes (JSON allows
-    trailing whitespace), so that an update of the same size fits in place."""
-    return pad(json.dumps(state, indent=1).encode(), STATE_BLOCK)
+    """Compact JSON; it must fit the sealed file's state block (``STATE_BYTES``)."""
+    data = json.dumps(state, separators=(",", ":")).encode()
+    if len(data) > STATE_BYTES:
+        raise ValueError(f"outbox state of {len(data)} bytes exceeds {STATE_BYTES}")
+    return data
+
+
+def _decode_state(block: bytes) -> dict[str, Any]:
+    """The state a block holds; an unreadable block (a torn write) reads as none."""
+    try:
+        state = json.loads(block)
+    except ValueError:
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def _read_legacy_state(path: Path) -> dict[str, Any]:
+    try:
+        return _decode_state((path / "state.json").read_bytes())
+    except OSError:
+        return {}
+
+
+def _remove_path(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()

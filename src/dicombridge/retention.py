@@ -4,7 +4,7 @@ Outbox, spool, incoming and quarantine hold PHI (sealed or plaintext); done mark
 transfer ids and receipts only. Each area has an age limit (``[retention]`` in
 ``gateway.toml``); an item's age comes from the time its own files record::
 
-    outbox/<tid>/                  state.json created_at       alarm only, unless purge_outbox
+    outbox/<tid>.sealed            its state's created_at      alarm only, unless purge_outbox
     spool/<sender>/<tid>/          newest file's mtime          purged (the sender re-sends)
     incoming/<sender>.<tid>.dcm    the file's mtime             alarm only (delivery quarantines)
     quarantine/<sender>/<tid>/     reason.json at               purged
@@ -39,6 +39,8 @@ from typing import Any, Final, Literal
 
 from dicombridge.config import RetentionSection
 from dicombridge.durable import fsync_dir
+from dicombridge.errors import EnvelopeError
+from dicombridge.fragments import SEALED_SUFFIX, SealedTransfer
 from dicombridge.keys import utc_now
 
 log = logging.getLogger(__name__)
@@ -198,10 +200,19 @@ def _newest_mtime(folder: Path) -> float:
 def _recorded_at(path: Path, key: str) -> datetime | None:
     """The ISO timestamp under ``key`` in a JSON file, if it is there and readable."""
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
+        return _timestamp(path.read_bytes(), key)
+    except OSError:
+        return None
+
+
+def _timestamp(data: bytes | dict[str, Any], key: str) -> datetime | None:
+    """The ISO timestamp under ``key`` in a JSON document (its bytes, or already
+    parsed), if it is there and readable."""
+    try:
+        document = json.loads(data) if isinstance(data, bytes) else data
         value = document[key] if isinstance(document, dict) else None
         at = datetime.fromisoformat(str(value)) if value else None
-    except (OSError, ValueError, KeyError):
+    except (ValueError, KeyError):
         return None
     if at is not None and at.tzinfo is None:
         at = at.replace(tzinfo=UTC)
@@ -218,18 +229,24 @@ def _age_s(now: datetime, at: datetime) -> float:
 
 
 def _outbox_item(path: Path, now: datetime) -> RetentionItem | None:
+    if path.suffix != SEALED_SUFFIX:
+        return None  # not a sealed transfer (an older version's entry, migrated at start)
     try:
-        transfer = json.loads((path / "transfer.json").read_text(encoding="utf-8"))
-        at = (
-            _recorded_at(path / "state.json", "created_at")
-            or _recorded_at(path / "transfer.json", "created_at")
-            or _from_mtime(path.stat().st_mtime)
-        )
-        size = _tree_bytes(path)
-    except (FileNotFoundError, NotADirectoryError, ValueError):
-        return None  # not (or no longer) a whole entry: sealing, purged or received
-    site = transfer.get("recipient_site") if isinstance(transfer, dict) else None
-    return RetentionItem("outbox", path.name, site, path, size, _age_s(now, at))
+        transfer = SealedTransfer.load(path)
+        info = SealedTransfer.info(path)
+        state = transfer.read_state()
+        stat = path.stat()
+    except (FileNotFoundError, EnvelopeError):
+        return None  # not (or no longer) a whole entry: purged or received
+    # When it was admitted (its state), else sealed (its info), else its mtime.
+    at = (
+        _timestamp(state, "created_at")
+        or _timestamp(info, "created_at")
+        or _from_mtime(stat.st_mtime)
+    )
+    size = stat.st_size
+    site = transfer.recipient_site
+    return RetentionItem("outbox", transfer.transfer_id_hex, site, path, size, _age_s(now, at))
 
 
 def _spool_item(path: Path, now: datetime) -> RetentionItem | None:

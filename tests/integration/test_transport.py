@@ -175,7 +175,7 @@ async def test_nothing_identifying_is_readable_on_the_broker(
     assert len(seen) == 3 * (1 + sealed.fragment_count)
     for name, marker in markers.items():
         assert not any(marker in blob for blob in seen), f"{name} visible on the broker"
-    on_disk = b"".join(p.read_bytes() for p in sealed.path.iterdir())
+    on_disk = sealed.path.read_bytes()
     for name, marker in markers.items():
         assert marker not in on_disk, f"{name} readable in the sender's sealed outbox"
 
@@ -215,8 +215,8 @@ async def test_site_replaying_another_sites_transfer_is_quarantined(
     source = tmp_path / "a.bin"
     source.write_bytes(os.urandom(80_000))
     sealed = seal_for(federation.site("hosp-a"), "hosp-b", source, 32 * 1024)
-    stolen = tmp_path / "stolen"
-    shutil.copytree(sealed.path, stolen)
+    stolen = tmp_path / "stolen.sealed"
+    shutil.copyfile(sealed.path, stolen)
     site_c = federation.site("hosp-c")
     async with transport(site_c) as link:
         await link.publish_transfer(SealedTransfer.load(stolen))
