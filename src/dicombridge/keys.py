@@ -13,6 +13,7 @@ key material.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import os
@@ -107,12 +108,19 @@ class KemPublicKey:
 
     def to_hpke(self) -> hpke.MLKEM768X25519PublicKey:
         try:
-            return hpke.MLKEM768X25519PublicKey(
-                mlkem.MLKEM768PublicKey.from_public_bytes(self.mlkem768),
-                x25519.X25519PublicKey.from_public_bytes(self.x25519),
-            )
+            return _hpke_public_key(self.mlkem768, self.x25519)
         except ValueError as exc:
             raise KeyMaterialError(f"KEM public key {self.key_id}: not a valid key") from exc
+
+
+@functools.lru_cache(maxsize=64)
+def _hpke_public_key(mlkem768: bytes, x25519_raw: bytes) -> hpke.MLKEM768X25519PublicKey:
+    """The HPKE key object of a KEM public key; decoded once per key (ML-KEM's public key
+    decoding costs as much as a seal), not once per message."""
+    return hpke.MLKEM768X25519PublicKey(
+        mlkem.MLKEM768PublicKey.from_public_bytes(mlkem768),
+        x25519.X25519PublicKey.from_public_bytes(x25519_raw),
+    )
 
 
 @dataclass(frozen=True)
