@@ -7,6 +7,7 @@ the gateway query it, and DCMTK's storescp, which has no C-FIND.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 
 from dicombridge.config import DeliverySection, LocalNode
 from dicombridge.control import Receipt
-from dicombridge.delivery import Deliverer, storing_mark
+from dicombridge.delivery import Deliverer
 from dicombridge.orthanc import DicomModality, OrthancServer, OrthancSettings
 from dicombridge.scu import StoreSCU
 from dicombridge.spool import IncomingTransfer
@@ -73,6 +74,36 @@ def incoming_for(path: Path, tid: str) -> IncomingTransfer:
     return incoming
 
 
+def test_in_doubt_mark_is_one_byte_of_the_sidecar(tmp_path: Path) -> None:
+    """mark_storing sets and clears the sidecar's last byte in place (same inode, same
+    size, still JSON that loads); an older version's unpadded sidecar with a .storing
+    file reads as in doubt, and clearing it pads the sidecar and removes that file."""
+    path = tmp_path / "x.dcm"
+    path.write_bytes(b"\0" * 100)
+    incoming = incoming_for(path, "ab" * 16)
+    inode, size = incoming.sidecar.stat().st_ino, incoming.sidecar.stat().st_size
+    assert size % 4096 == 0
+    assert not incoming.is_storing()
+    incoming.mark_storing()
+    assert incoming.is_storing()
+    assert (incoming.sidecar.stat().st_ino, incoming.sidecar.stat().st_size) == (inode, size)
+    assert IncomingTransfer.load(incoming.sidecar) == incoming
+    incoming.mark_storing(False)
+    assert not incoming.is_storing()
+
+    incoming.sidecar.write_text(json.dumps(json.loads(incoming.sidecar.read_bytes())))
+    legacy_mark = path.with_suffix(".storing")
+    legacy_mark.touch()
+    assert incoming.is_storing()
+    incoming.mark_storing(False)
+    assert not incoming.is_storing()
+    assert not legacy_mark.exists()
+    assert incoming.sidecar.stat().st_size % 4096 == 0
+    assert IncomingTransfer.load(incoming.sidecar) == incoming
+    incoming.remove()
+    assert list(tmp_path.iterdir()) == []
+
+
 async def deliver_all(
     pacs: OrthancServer, root: Path, incomings: list[IncomingTransfer]
 ) -> tuple[Deliverer, list[Receipt]]:
@@ -114,8 +145,12 @@ async def test_instance_in_doubt_already_stored_is_not_stored_again(
     with StoreSCU(node_of(pacs), calling_ae_title=GATEWAY_AE) as scu:
         assert scu.store(files[0]).is_stored  # the store whose answer was lost
     incomings = [incoming_for(path, f"{i:02x}" * 16) for i, path in enumerate(files)]
-    storing_mark(incomings[0]).touch()
-    storing_mark(incomings[1]).touch()
+    incomings[0].mark_storing()
+    # The other as an older version left it: an unpadded sidecar and a .storing file.
+    legacy = json.loads(incomings[1].sidecar.read_bytes())
+    incomings[1].sidecar.write_text(json.dumps(legacy))
+    incomings[1].path.with_suffix(".storing").touch()
+    assert [i.is_storing() for i in incomings] == [True, True, False]
 
     deliverer, receipts = await deliver_all(pacs, root, incomings)
 
@@ -161,7 +196,7 @@ async def test_death_after_the_pacs_answered_success_does_not_store_twice(
     finally:
         await asyncio.to_thread(scu.close)
     assert pacs.received().count(uid) == 1
-    assert storing_mark(incoming).exists(), "the success did not clear the doubt before removal"
+    assert incoming.is_storing(), "the success did not clear the doubt before removal"
 
     deliverer, receipts = await deliver_all(pacs, root, [incoming])
 

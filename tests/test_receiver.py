@@ -243,3 +243,54 @@ async def test_a_tampered_fragment_met_in_memory_is_quarantined_with_both_messag
     assert receiver.quarantined == 1
     (folder,) = (root / "quarantine" / "hosp-a").iterdir()
     assert sorted(path.suffix for path in folder.iterdir()) == [".frag", ".json", ".msg"]
+
+
+async def test_receipt_is_recorded_in_the_done_marker_and_answers_a_resend(
+    tmp_path: Path,
+) -> None:
+    """The done marker is created padded and the receipt written over it in place (same
+    inode: no file per receipt); a re-sent manifest of the done transfer gets that receipt
+    back and is not handed on again. A marker of an older version (a bare timestamp, too
+    small) is replaced whole by the receipt."""
+    fed = make_federation()
+    delivered: list[IncomingTransfer] = []
+    resent: list[tuple[str, bytes, dict[str, object]]] = []
+
+    async def on_transfer(incoming: IncomingTransfer) -> None:
+        delivered.append(incoming)
+
+    async def on_duplicate(site: str, transfer_id: bytes, receipt: dict[str, object]) -> None:
+        resent.append((site, transfer_id, receipt))
+
+    root = tmp_path / "b"
+    receiver = Receiver(
+        root,
+        ReceiverIdentity("hosp-b", fed.keys["hosp-b"], fed.directory),
+        on_transfer,
+        on_duplicate=on_duplicate,
+    )
+    transfers = []
+    for name in ("one", "two"):
+        source = tmp_path / f"{name}.bin"
+        source.write_bytes(os.urandom(3000))
+        transfers.append(fed.seal(source, tmp_path / "outbox", fragment_size=1000))
+        for body in messages(transfers[-1]):
+            await receiver.handle(Delivery(body, "hosp-a", "bulk", None, False))
+    assert len(delivered) == 2
+    one, two = (root / "done" / "hosp-a" / t.transfer_id_hex for t in transfers)
+    assert one.stat().st_size == spool_module.MARKER_BYTES
+    inode = one.stat().st_ino
+    receipt = {"transfer_id": transfers[0].transfer_id_hex, "outcome": "stored", "status": 0}
+    receiver.record_receipt("hosp-a", transfers[0].transfer_id, receipt)
+    assert one.stat().st_ino == inode
+    assert one.stat().st_size == spool_module.MARKER_BYTES
+    two.write_text("2026-01-01T00:00:00+00:00")  # as an older version left it
+    receiver.record_receipt("hosp-a", transfers[1].transfer_id, {**receipt, "status": 0xB000})
+
+    for transfer in transfers:
+        await receiver.handle(Delivery(transfer.manifest_body(), "hosp-a", "bulk", None, False))
+    assert resent == [
+        ("hosp-a", transfers[0].transfer_id, receipt),
+        ("hosp-a", transfers[1].transfer_id, {**receipt, "status": 0xB000}),
+    ]
+    assert len(delivered) == 2

@@ -10,7 +10,8 @@ and jitter until ``give_up_after_s``, then quarantined the same way.
 
 A C-STORE whose response never came (the gateway was killed, or the association broke,
 after the request went out) leaves the instance *in doubt*: the PACS may hold it. A
-``.storing`` mark beside the file records that a request is out; before sending an
+mark in the file's sidecar (``IncomingTransfer.mark_storing``) records that a request
+is out; before sending an
 instance in doubt again, the node is asked (C-FIND) whether it holds it already, so a
 crash does not store it twice. A node that cannot say gets it again (at least once).
 """
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
 import json
 import logging
@@ -64,11 +64,6 @@ class StoreClient(Protocol):
     ) -> StoreOutcome: ...
 
     def holds(self, path: Path) -> bool | None: ...
-
-
-def storing_mark(incoming: IncomingTransfer) -> Path:
-    """Present while a C-STORE of ``incoming`` may have reached the node unanswered."""
-    return incoming.path.with_suffix(".storing")
 
 
 ReceiptSender = Callable[[str, Receipt], Awaitable[None]]
@@ -177,10 +172,11 @@ class Deliverer:
         started = time.monotonic()
         delay = self._settings.retry_initial_s
         while True:
-            outcome = await self._store_once(client, incoming)
+            outcome, sha256 = await self._store_once(client, incoming)
             if outcome.is_stored:
                 self.stored += 1
-                self.stored_sha256[tid] = await asyncio.to_thread(_sha256_of, incoming.path)
+                if sha256 is not None:
+                    self.stored_sha256[tid] = sha256
                 log.info(
                     "instance stored in local node",
                     extra={
@@ -217,45 +213,50 @@ class Deliverer:
                 return
             delay = min(delay * 2, self._settings.retry_max_s)
 
-    async def _store_once(self, client: StoreClient, incoming: IncomingTransfer) -> StoreOutcome:
-        """One C-STORE, unless the node already holds an instance in doubt."""
-        mark = storing_mark(incoming)
-        held: bool | None = None
-        if mark.exists():
-            held = await asyncio.to_thread(client.holds, incoming.path)
-        if held:
+    async def _store_once(
+        self, client: StoreClient, incoming: IncomingTransfer
+    ) -> tuple[StoreOutcome, str | None]:
+        """One C-STORE, unless the node already holds an instance in doubt; the outcome,
+        and the SHA-256 of the file if it was stored (one thread hop when not in doubt)."""
+        meta = incoming.meta
+        originator = meta.get("move_originator_ae_title")
+        message_id = meta.get("move_originator_message_id")
+
+        def attempt(check_doubt: bool) -> tuple[StoreOutcome, str | None] | None:
+            if check_doubt and incoming.is_storing():
+                return None  # in doubt: ask the node first
+            # Stored: the mark stays until the file leaves incoming/ (``_remove``). A crash
+            # in between (the receipt) finds the mark, asks the node, and sends nothing.
+            incoming.mark_storing()
+            outcome = client.store(
+                incoming.path,
+                move_originator_ae_title=originator if isinstance(originator, str) else None,
+                move_originator_message_id=message_id if isinstance(message_id, int) else None,
+            )
+            if outcome.from_peer and not outcome.is_stored:
+                incoming.mark_storing(False)  # the node answered it does not hold it
+            return outcome, _sha256_of(incoming.path) if outcome.is_stored else None
+
+        attempted = await asyncio.to_thread(attempt, True)
+        if attempted is not None:
+            return attempted
+        if await asyncio.to_thread(client.holds, incoming.path):
             self.in_doubt_found += 1
             log.info(
                 "instance in doubt already in the local node; not sent again",
                 extra={"transfer_id": incoming.transfer_id.hex()},
             )
-            return StoreOutcome.from_status(
+            outcome = StoreOutcome.from_status(
                 0x0000, "already held by the node (a C-STORE response had been lost)"
             )
-        # No fsync: the mark must survive the gateway's death, not the machine's (after a
-        # power loss the instance is stored again, at least once).
-        mark.touch()
-        meta = incoming.meta
-        originator = meta.get("move_originator_ae_title")
-        message_id = meta.get("move_originator_message_id")
-        outcome = await asyncio.to_thread(
-            functools.partial(
-                client.store,
-                incoming.path,
-                move_originator_ae_title=originator if isinstance(originator, str) else None,
-                move_originator_message_id=message_id if isinstance(message_id, int) else None,
-            )
-        )
-        if outcome.from_peer and not outcome.is_stored:
-            mark.unlink(missing_ok=True)  # the node answered it does not hold it
-        # Stored: the mark stays until the file leaves incoming/ (``_remove``). A crash in
-        # between (hashing, the receipt) finds the mark, asks the node, and sends nothing.
-        return outcome
+            return outcome, await asyncio.to_thread(_sha256_of, incoming.path)
+        attempted = await asyncio.to_thread(attempt, False)
+        assert attempted is not None
+        return attempted
 
     @staticmethod
     def _remove(incoming: IncomingTransfer) -> None:
         incoming.remove()
-        storing_mark(incoming).unlink(missing_ok=True)
 
     async def _fail(self, incoming: IncomingTransfer, status: int, comment: str | None) -> None:
         self.failed += 1
@@ -271,9 +272,9 @@ class Deliverer:
     ) -> None:
         target = self._quarantine / incoming.sender_site / incoming.transfer_id.hex()
         target.mkdir(parents=True, exist_ok=True)
+        incoming.mark_storing(False)  # refused: a retry from quarantine sends it afresh
         os.replace(incoming.path, target / "instance.dcm")
         os.replace(incoming.sidecar, target / "transfer.json")
-        storing_mark(incoming).unlink(missing_ok=True)
         reason = {
             "stage": "delivery",
             "status": status,

@@ -98,20 +98,23 @@ def _replace(path: Path, data: bytes, *, mode: int, durable: bool) -> None:
         fsync_dir(path.parent)
 
 
-def rewrite_in_place(path: Path, data: bytes) -> bool:
+def rewrite_in_place(path: Path, data: bytes, *, sync: bool = False) -> bool:
     """Overwrite the start of the existing file ``path`` with ``data`` in one ``pwrite``,
     without creating a file; False (nothing written) if ``data`` is longer than the file.
 
     For small state files created at a fixed padded size (``pad``): one write of the
-    whole content, never fsynced, so a process crash leaves the old or the new state.
-    A power loss may tear it: only for state whose loss is harmless (it is redone, and
-    the redo is idempotent), and whose reader treats an unreadable file as lost.
+    whole content, so a process crash leaves the old or the new state. Unless ``sync``
+    (then fdatasynced before this returns), a power loss may lose or tear it: only for
+    state whose loss is harmless (it is redone, and the redo is idempotent), and whose
+    reader treats an unreadable file as lost.
     """
     fd = os.open(path, os.O_WRONLY)
     try:
         if len(data) > os.fstat(fd).st_size:
             return False
         os.pwrite(fd, data, 0)
+        if sync:
+            os.fdatasync(fd)
     finally:
         os.close(fd)
     return True

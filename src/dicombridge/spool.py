@@ -51,7 +51,14 @@ from typing import Any, Final, TypeVar
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from dicombridge.directory import Directory
-from dicombridge.durable import free_bytes, fsync_dir, is_disk_full, write_durably
+from dicombridge.durable import (
+    free_bytes,
+    fsync_dir,
+    is_disk_full,
+    pad,
+    rewrite_in_place,
+    write_durably,
+)
 from dicombridge.envelope import (
     Header,
     Kind,
@@ -63,7 +70,6 @@ from dicombridge.envelope import (
     parse_header,
 )
 from dicombridge.errors import EnvelopeError, IncompleteTransferError, IntegrityError
-from dicombridge.fragments import MANIFEST_FILE
 from dicombridge.keys import SiteKeys, utc_now
 from dicombridge.topology import check_site_id
 from dicombridge.transport import Delivery
@@ -75,8 +81,17 @@ DISK_FULL_HOLD_S: Final = 600.0
 _DISK_FULL_RETRY_FIRST_S: Final = 0.25
 _DISK_FULL_RETRY_MAX_S: Final = 5.0
 
+# A spooled transfer's manifest message.
+MANIFEST_FILE: Final = "manifest.msg"
 # The fragment count of a transfer of zero bytes (it has no fragment to carry it).
 ZERO_COUNT_FILE: Final = "count"
+# A sidecar's size, and its last byte: whether a C-STORE may be out (both are JSON
+# whitespace, so the sidecar reads as JSON either way).
+SIDECAR_BYTES: Final = 4096
+_STORING: Final = b"\n"
+_NOT_STORING: Final = b" "
+# A done marker's size: its receipt is written over it in place (one file system block).
+MARKER_BYTES: Final = 4096
 # How long the first message of a one-fragment transfer waits, unacked, for the other.
 GATHER_S: Final = 2.0
 
@@ -88,6 +103,9 @@ class IncomingTransfer:
     """A verified, decrypted transfer waiting in ``incoming/`` for delivery.
 
     Saved beside the file as JSON (no key material) so that a restart finds it again.
+    The sidecar is padded to ``SIDECAR_BYTES`` and its last byte says whether a C-STORE
+    of the file may be out unanswered (``STORING``; the delivery's in-doubt mark): one
+    byte rewritten in place, where a mark file would cost a file per instance.
     """
 
     sender_site: str
@@ -100,6 +118,11 @@ class IncomingTransfer:
     def sidecar(self) -> Path:
         return self.path.with_suffix(".json")
 
+    @property
+    def _legacy_mark(self) -> Path:
+        # Older versions marked an instance in doubt with a file beside it.
+        return self.path.with_suffix(".storing")
+
     def save(self) -> None:
         document = {
             "sender_site": self.sender_site,
@@ -108,7 +131,8 @@ class IncomingTransfer:
             "total_length": self.total_length,
             "meta": self.meta,
         }
-        write_durably(self.sidecar, json.dumps(document, indent=1).encode())
+        data = pad(json.dumps(document, indent=1).encode() + _NOT_STORING, SIDECAR_BYTES)
+        write_durably(self.sidecar, data[:-1] + _NOT_STORING)
 
     @classmethod
     def load(cls, sidecar: Path) -> IncomingTransfer:
@@ -121,10 +145,35 @@ class IncomingTransfer:
             meta=document["meta"],
         )
 
+    def is_storing(self) -> bool:
+        """Whether a C-STORE of this file may have reached the node unanswered."""
+        if self._legacy_mark.exists():
+            return True
+        with open(self.sidecar, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size == 0 or size % SIDECAR_BYTES:
+                return False  # an older version's sidecar: its mark is the file above
+            handle.seek(size - 1)
+            return handle.read(1) == _STORING
+
+    def mark_storing(self, storing: bool = True) -> None:
+        """Set (or clear) the in-doubt mark, not fsynced: it must survive the gateway's
+        death, not the machine's (after a power loss the instance is stored again, at
+        least once). One byte, so a crash leaves it old or new, never torn."""
+        if self.sidecar.stat().st_size % SIDECAR_BYTES:
+            self.save()  # an older version's sidecar, not padded: no byte to spare
+        fd = os.open(self.sidecar, os.O_WRONLY)
+        try:
+            os.pwrite(fd, _STORING if storing else _NOT_STORING, os.fstat(fd).st_size - 1)
+        finally:
+            os.close(fd)
+        if not storing:
+            self._legacy_mark.unlink(missing_ok=True)
+
     def remove(self) -> None:
         # The sidecar first: a file without its sidecar is never delivered (and a restart
         # clears it), whereas a sidecar without its file would be.
-        for path in (self.sidecar, self.path):
+        for path in (self.sidecar, self.path, self._legacy_mark):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
@@ -393,11 +442,19 @@ class Receiver:
         return self.done / sender_site / transfer_id.hex()
 
     def record_receipt(self, sender_site: str, transfer_id: bytes, receipt: dict[str, Any]) -> None:
-        """Keep the receipt sent for a done transfer, to send again if the sender re-sends."""
+        """Keep the receipt sent for a done transfer, to send again if the sender re-sends.
+
+        Written over the padded marker in place and fdatasynced (no new file); a marker
+        that is missing, or too small for the receipt, is replaced whole. A power loss
+        mid-write cannot tear it into something unreadable while the document fits one
+        512-byte sector (a receipt does; beyond it, old and new are both spaces)."""
         marker = self._done_marker(sender_site, transfer_id)
-        marker.parent.mkdir(parents=True, exist_ok=True)
         document = {"at": utc_now().isoformat(), "receipt": receipt}
-        write_durably(marker, json.dumps(document).encode())
+        data = json.dumps(document).encode()
+        with contextlib.suppress(FileNotFoundError):
+            if rewrite_in_place(marker, pad(data, MARKER_BYTES), sync=True):
+                return
+        self._mark_done(marker, document)
 
     def _recorded_receipt(self, marker: Path) -> dict[str, Any] | None:
         try:
@@ -611,28 +668,28 @@ class Receiver:
         """Assemble from the spool, or from a manifest and fragment messages in memory.
 
         Order matters for crash safety: the sidecar makes the file deliverable after a
-        restart, then the done marker makes redeliveries drop, then the spool goes."""
+        restart, then the done marker makes redeliveries drop, then the spool goes. All
+        three in one thread hop; a full disk retries from the step that failed."""
         marker = self._done_marker(sender, transfer_id)
-        sidecar = self._incoming_path(sender, transfer_id).with_suffix(".json")
-        if await asyncio.to_thread(sidecar.exists):
-            # Assembled already, then stopped before the marker: that copy is being (or
-            # will be) delivered; assembling again could deliver it twice.
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            await asyncio.to_thread(write_durably, marker, utc_now().isoformat().encode())
-            await asyncio.to_thread(self.spool.discard, sender, transfer_id)
+        done: list[IncomingTransfer | None] = []  # what the first attempt found or made
+
+        def step() -> IncomingTransfer | None:
+            if not done:
+                if self._incoming_path(sender, transfer_id).with_suffix(".json").exists():
+                    # Assembled already, then stopped before the marker: that copy is
+                    # being (or will be) delivered; assembling again could deliver it twice.
+                    done.append(None)
+                else:
+                    done.append(self._assemble_into_incoming(sender, transfer_id, in_memory))
+            self._mark_done(marker, {"at": utc_now().isoformat()})
+            self.spool.discard(sender, transfer_id)
+            return done[0]
+
+        incoming = await self._while_disk_full(self.incoming, step)
+        if incoming is None:
             self.duplicates_dropped += 1
             log.info("transfer already in incoming", extra={"transfer_id": transfer_id.hex()})
             return
-        incoming = await self._while_disk_full(
-            self.incoming,
-            functools.partial(self._assemble_into_incoming, sender, transfer_id, in_memory),
-        )
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        await self._while_disk_full(
-            self.done,
-            functools.partial(write_durably, marker, utc_now().isoformat().encode()),
-        )
-        await asyncio.to_thread(self.spool.discard, sender, transfer_id)
         log.info(
             "transfer received",
             extra={
@@ -642,6 +699,13 @@ class Receiver:
             },
         )
         await self._on_transfer(incoming)
+
+    @staticmethod
+    def _mark_done(marker: Path, document: dict[str, Any]) -> None:
+        """Write a done marker durably, padded to ``MARKER_BYTES`` so that its receipt is
+        later recorded in place (``record_receipt``): one file per transfer, ever."""
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        write_durably(marker, pad(json.dumps(document).encode(), MARKER_BYTES))
 
     def _incoming_path(self, sender: str, transfer_id: bytes) -> Path:
         return self.incoming / f"{sender}.{transfer_id.hex()}.dcm"
@@ -766,9 +830,7 @@ class Receiver:
         )
         fsync_dir(target.parent)
         # Later messages of this transfer are dropped, not spooled again.
-        marker = self._done_marker(sender, transfer_id)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        write_durably(marker, b"quarantined")
+        self._mark_done(self._done_marker(sender, transfer_id), {"quarantined": True})
         self.quarantined += 1
         log.warning(
             "transfer quarantined",
