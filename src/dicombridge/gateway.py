@@ -368,7 +368,7 @@ class Gateway:
     async def _owe_receipt(
         self, to_site: str, transfer_id: bytes, document: dict[str, Any]
     ) -> None:
-        await asyncio.to_thread(self.unsent_receipts.add, to_site, transfer_id, document)
+        self.unsent_receipts.add(to_site, transfer_id, document)
         self._queue_receipt(to_site, transfer_id)
 
     def _queue_receipt(self, to_site: str, transfer_id: bytes) -> None:
@@ -391,7 +391,7 @@ class Gateway:
 
     async def _publish_owed_receipt(self, to_site: str, transfer_id: bytes) -> None:
         assert self._transport is not None
-        document = await asyncio.to_thread(self.unsent_receipts.get, to_site, transfer_id)
+        document = self.unsent_receipts.get(to_site, transfer_id)
         if document is None:
             return
         receipt = Receipt.from_document(document)
@@ -413,7 +413,7 @@ class Gateway:
                 )
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 - jitter
                 delay = min(delay * 2, 30.0)
-        await asyncio.to_thread(self.unsent_receipts.confirmed, to_site, transfer_id)
+        self.unsent_receipts.confirmed(to_site, transfer_id)
 
     async def _publish_control(self, to_site: str, document: dict[str, Any]) -> None:
         """Seal a control document for ``to_site`` and publish it (raises TransportError)."""
@@ -500,6 +500,7 @@ class Gateway:
                 await self.responder.close()
                 for client in self._clients.values():
                     await asyncio.to_thread(client.close)
+                self.unsent_receipts.close()
 
     async def _retention(self) -> None:
         """Alarms before outbox, spool, incoming or quarantine reach their limits; purges."""

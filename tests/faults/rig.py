@@ -28,6 +28,7 @@ from typing import IO, Any, Final
 
 from dicombridge import config as site_config
 from dicombridge.orthanc import OrthancServer
+from dicombridge.receipts import owed_receipts
 from dicombridge.sandbox import Sandbox
 from tests.pacskit import DCMTK_BIN, dcmtk_env, sop_instance_uid, wait_for
 from tests.relaykit import dataset_sha256, file_chunks, orthanc_file_dataset_sha256
@@ -123,7 +124,7 @@ def leftovers(root: Path) -> dict[str, int]:
         "spool": count("spool/*/*"),
         "incoming": count("incoming/*.json"),
         "quarantine": count("quarantine/*/*"),
-        "receipts": count("receipts/*.json"),
+        "receipts": owed_receipts(root / "receipts"),
     }
 
 
