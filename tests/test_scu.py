@@ -18,6 +18,7 @@ from dicombridge.scu import (
     STATUS_UNREADABLE_FILE,
     OutcomeKind,
     StoreSCU,
+    StoreSCUPool,
     classify_status,
 )
 from tests.pacskit import (
@@ -32,6 +33,7 @@ from tests.pacskit import (
     transfer_syntax,
     wait_for,
 )
+from tests.relaykit import ct_series
 
 pytestmark = pytest.mark.integration
 
@@ -254,6 +256,41 @@ def test_orthanc_stores_the_same_file_as_from_dcmtk(
     wait_for(
         lambda: orthanc_associations(orthanc_a) == before_a + 1,
         what="Orthanc to log one association",
+    )
+
+
+def test_pool_stores_on_as_many_associations_as_members(
+    tmp_path: Path, orthancs: tuple[OrthancServer, ...]
+) -> None:
+    """A StoreSCUPool of two, called from four threads, stores every instance over two
+    associations (one per member, counted by the pool and in Orthanc's log); once closed
+    it refuses to store."""
+    orthanc_a, _ = orthancs
+    files = ct_series(tmp_path / "series", 12, rows=16, columns=16)
+    before = orthanc_associations(orthanc_a)
+    pool = StoreSCUPool(
+        node_of(orthanc_a.dicom_port, PACS_AE),
+        size=2,
+        calling_ae_title=CALLING_AE,
+        sop_classes=[str(sop_class_uid(files[0]))],
+        transfer_syntaxes=[transfer_syntax(files[0])],
+    )
+    try:
+        with ThreadPoolExecutor(max_workers=4) as threads:
+            outcomes = list(threads.map(pool.store, files))
+        assert all(o.kind is OutcomeKind.SUCCESS for o in outcomes), outcomes
+        assert (pool.associations_opened, pool.instances_sent) == (2, len(files))
+        assert [m.instances_sent > 0 for m in pool.members] == [True, True]
+    finally:
+        pool.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.store(files[0])
+    with orthanc_a.client() as client:
+        stored = set(client.iter_sop_instance_uids())
+    assert {sop_instance_uid(path) for path in files} <= stored
+    wait_for(
+        lambda: orthanc_associations(orthanc_a) == before + 2,
+        what="Orthanc to log two associations",
     )
 
 

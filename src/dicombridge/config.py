@@ -177,6 +177,8 @@ class OutboxSection(_Section):
 class DeliverySection(_Section):
     """Delivery of received instances to the local PACS."""
 
+    # C-STOREs to a local node under way at once, each on its own association.
+    associations: int = Field(default=2, ge=1, le=16)
     retry_initial_s: float = Field(default=1.0, gt=0)
     retry_max_s: float = Field(default=60.0, gt=0)
     # Transient failures (PACS down) are retried this long before quarantine.
@@ -468,6 +470,8 @@ max_count = 100000
 resend_after_s = 900
 
 [delivery]
+# C-STOREs to a local node under way at once, each on its own association.
+associations = 2
 retry_initial_s = 1
 retry_max_s = 60
 give_up_after_s = 86400

@@ -72,7 +72,8 @@ OutcomeObserver = Callable[[IncomingTransfer, Receipt], None]
 
 
 class Deliverer:
-    """Delivers incoming transfers one after another; run ``run()`` as a task."""
+    """Delivers incoming transfers, ``[delivery] associations`` at a time; run ``run()``
+    as a task."""
 
     def __init__(
         self,
@@ -93,8 +94,9 @@ class Deliverer:
         self._queue: asyncio.Queue[IncomingTransfer] = asyncio.Queue()
         self._known: set[str] = set()
         self._stopping = False
-        self._idle = asyncio.Event()
+        self._idle = asyncio.Event()  # no worker is delivering
         self._idle.set()
+        self._busy = 0
         self._wake = asyncio.Event()  # cuts a retry's backoff short when stopping
         self.stored = 0
         # transfer id -> SHA-256 of the file stored in the local node (in memory only).
@@ -113,8 +115,16 @@ class Deliverer:
         self._queue.put_nowait(incoming)
 
     async def run(self) -> None:
+        """Deliver with ``[delivery] associations`` workers at once (each C-STORE goes on
+        an association of its own: the node stores one while the next is on its way)."""
+        async with asyncio.TaskGroup() as group:
+            for _ in range(self._settings.associations):
+                group.create_task(self._work())
+
+    async def _work(self) -> None:
         while not self._stopping:
             incoming = await self._queue.get()
+            self._busy += 1
             self._idle.clear()
             try:
                 if not self._stopping:
@@ -129,7 +139,9 @@ class Deliverer:
             finally:
                 self._known.discard(incoming.transfer_id.hex())
                 self._queue.task_done()
-                self._idle.set()
+                self._busy -= 1
+                if self._busy == 0:
+                    self._idle.set()
 
     async def join(self) -> None:
         """Wait until every transfer submitted so far has been handled."""

@@ -65,7 +65,7 @@ from dicombridge.requester import Requester
 from dicombridge.responder import Responder
 from dicombridge.retention import run_retention
 from dicombridge.scp import ReceivedInstance, ScpSettings, StorageSCP, StoreOutcome
-from dicombridge.scu import StoreSCU
+from dicombridge.scu import StoreSCUPool
 from dicombridge.spool import IncomingTransfer, Receiver, ReceiverIdentity
 from dicombridge.transport import Delivery, Transport
 
@@ -94,7 +94,7 @@ class Gateway:
             self._on_incoming,
             on_duplicate=self._on_resent,
         )
-        self._clients: dict[str, StoreSCU] = {}
+        self._clients: dict[str, StoreSCUPool] = {}
         self.deliverer = Deliverer(
             local_nodes={n.name: n for n in config.local_nodes},
             clients=self._client,
@@ -135,8 +135,10 @@ class Gateway:
 
     def _client(self, node: LocalNode) -> StoreClient:
         if node.name not in self._clients:
-            self._clients[node.name] = StoreSCU(
-                node, calling_ae_title=self.site.config.gateway.ae_title
+            self._clients[node.name] = StoreSCUPool(
+                node,
+                size=self.site.config.delivery.associations,
+                calling_ae_title=self.site.config.gateway.ae_title,
             )
         return self._clients[node.name]
 

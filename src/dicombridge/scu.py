@@ -33,10 +33,11 @@ import contextlib
 import enum
 import logging
 import os
+import queue
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from ssl import SSLContext
@@ -725,3 +726,60 @@ def _status_of(response: Dataset | Any) -> int | None:
     if response is None or "Status" not in response:
         return None
     return int(response.Status)
+
+
+class StoreSCUPool:
+    """Up to ``size`` ``StoreSCU`` to one node, each over its own association: ``store``
+    and ``holds`` take whichever is free (blocking, thread-safe).
+
+    So that several deliveries to the node overlap: while the node stores one instance
+    (Orthanc writes it and indexes it), the next is on its way. Each member opens its
+    association on first use and releases it when idle, as a ``StoreSCU`` does.
+    """
+
+    def __init__(self, node: LocalNode, *, size: int, **settings: Any) -> None:
+        if size < 1:
+            raise ValueError("a pool needs at least one StoreSCU")
+        self.node = node
+        self.members = [StoreSCU(node, **settings) for _ in range(size)]
+        self._free: queue.SimpleQueue[StoreSCU] = queue.SimpleQueue()
+        for member in self.members:
+            self._free.put(member)
+
+    @contextlib.contextmanager
+    def _member(self) -> Iterator[StoreSCU]:
+        member = self._free.get()
+        try:
+            yield member
+        finally:
+            self._free.put(member)
+
+    def store(
+        self,
+        path: Path | str,
+        *,
+        move_originator_ae_title: str | None = None,
+        move_originator_message_id: int | None = None,
+    ) -> StoreOutcome:
+        with self._member() as member:
+            return member.store(
+                path,
+                move_originator_ae_title=move_originator_ae_title,
+                move_originator_message_id=move_originator_message_id,
+            )
+
+    def holds(self, path: Path | str) -> bool | None:
+        with self._member() as member:
+            return member.holds(path)
+
+    def close(self) -> None:
+        for member in self.members:
+            member.close()
+
+    @property
+    def associations_opened(self) -> int:
+        return sum(member.associations_opened for member in self.members)
+
+    @property
+    def instances_sent(self) -> int:
+        return sum(member.instances_sent for member in self.members)
