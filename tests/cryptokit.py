@@ -264,6 +264,23 @@ def messages(transfer: SealedTransfer) -> list[bytes]:
     return [transfer.manifest_body(), *(body for _, body in transfer.fragment_bodies())]
 
 
+def as_legacy_directory(sealed: SealedTransfer, state: dict[str, object] | None = None) -> Path:
+    """Rewrite a sealed file as the older layout's entry directory (``transfer.json``,
+    ``manifest.msg``, ``fragments.bin`` and, given a ``state``, ``state.json``), as a
+    gateway of an earlier version left it in its outbox; the sealed file is removed."""
+    legacy = sealed.path.with_name(sealed.transfer_id_hex)
+    legacy.mkdir()
+    info = SealedTransfer.info(sealed.path)
+    del info["manifest_length"]
+    (legacy / "transfer.json").write_text(json.dumps(info))
+    (legacy / "manifest.msg").write_bytes(sealed.manifest_body())
+    (legacy / "fragments.bin").write_bytes(b"".join(b for _, b in sealed.fragment_bodies()))
+    if state is not None:
+        (legacy / "state.json").write_text(json.dumps(state, indent=1).ljust(1024))
+    sealed.path.unlink()
+    return legacy
+
+
 def deliver(spool: Spool, sender_site: str, bodies: Iterable[bytes]) -> list[EnvelopeError]:
     """Put every message in the spool as the transport would; return the refusals."""
     refused: list[EnvelopeError] = []

@@ -50,6 +50,7 @@ from tests.cryptokit import (
     VERSION_AT,
     DicomIdentifiers,
     Federation,
+    as_legacy_directory,
     deliver,
     directory_body,
     flip,
@@ -372,15 +373,8 @@ def test_legacy_directory_is_migrated_byte_for_byte(tmp_path: Path, site: Site) 
     ciphertext, the given state, and opens at the receiver; the directory is gone."""
     source, content = _source(tmp_path, 10_000)
     transfer = site.fed.seal(source, site.outbox, fragment_size=3000, meta={"x": 1})
-    legacy = site.outbox / transfer.transfer_id_hex
-    legacy.mkdir()
-    info = SealedTransfer.info(transfer.path)
-    del info["manifest_length"]
-    (legacy / "transfer.json").write_text(json.dumps(info))
-    (legacy / "manifest.msg").write_bytes(transfer.manifest_body())
-    (legacy / "fragments.bin").write_bytes(b"".join(b for _, b in transfer.fragment_bodies()))
     original = transfer.path.read_bytes()
-    transfer.path.unlink()
+    legacy = as_legacy_directory(transfer)
 
     migrated = migrate_directory(legacy, state=b'{"attempts":2}')
     assert not legacy.exists()

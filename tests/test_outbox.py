@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 import shutil
@@ -19,7 +18,7 @@ from dicombridge.control import Receipt
 from dicombridge.errors import OutboxDiskFullError, OutboxFullError
 from dicombridge.fragments import INFO_BYTES, PREAMBLE_BYTES, SealedTransfer
 from dicombridge.outbox import Outbox
-from tests.cryptokit import Federation, make_federation
+from tests.cryptokit import Federation, as_legacy_directory, make_federation
 
 PAGE = 4096
 
@@ -214,21 +213,6 @@ def test_leftovers_of_a_crash_are_cleared_at_start_and_never_listed(
     assert restarted.count == 0
 
 
-def _as_legacy_directory(sealed: SealedTransfer, state: dict[str, object]) -> Path:
-    """Rewrite a sealed file as the older layout's entry directory (what a gateway of an
-    earlier version left in its outbox)."""
-    legacy = sealed.path.with_name(sealed.transfer_id_hex)
-    legacy.mkdir()
-    info = SealedTransfer.info(sealed.path)
-    del info["manifest_length"]
-    (legacy / "transfer.json").write_text(json.dumps(info))
-    (legacy / "manifest.msg").write_bytes(sealed.manifest_body())
-    (legacy / "fragments.bin").write_bytes(b"".join(b for _, b in sealed.fragment_bodies()))
-    (legacy / "state.json").write_text(json.dumps(state, indent=1).ljust(1024))
-    sealed.path.unlink()
-    return legacy
-
-
 def test_an_older_outbox_is_migrated_at_start_with_its_state(
     fed: Federation, tmp_path: Path
 ) -> None:
@@ -248,8 +232,8 @@ def test_an_older_outbox_is_migrated_at_start_with_its_state(
         "attempts": 3,
         "published_at": "2026-01-01T00:00:01+00:00",
     }
-    _as_legacy_directory(published, state)
-    _as_legacy_directory(fresh, {"created_at": "2026-01-02T00:00:00+00:00", "attempts": 0})
+    as_legacy_directory(published, state)
+    as_legacy_directory(fresh, {"created_at": "2026-01-02T00:00:00+00:00", "attempts": 0})
     (root / twice.transfer_id_hex).mkdir()
     (root / twice.transfer_id_hex / "transfer.json").write_text("{}")
 
