@@ -37,6 +37,29 @@ _FIXES: Final = {
     "retention": "raise done_max_age_days above outbox_max_age_days and spool_max_age_days",
 }
 _DEFAULT_FIX: Final = "compare with the commented file that `dicombridge init` writes"
+# Checks across entries (SiteConfig._consistent): the field to name and the fix, by problem.
+_WHOLE_FILE: Final = {
+    "two routes have the same ae_title": (
+        "routes.ae_title",
+        "give each route its own AE title",
+    ),
+    "a route uses the gateway's own ae_title": (
+        "routes.ae_title",
+        "choose another AE title: [gateway] ae_title is the gateway's own (C-ECHO only)",
+    ),
+    "a route leads to this site itself": (
+        "routes.site",
+        "route to other sites only; this site's nodes are reached directly",
+    ),
+    "two local_nodes have the same name": (
+        "local_nodes.name",
+        "give each local node its own name",
+    ),
+    "two remote_access entries name the same site": (
+        "remote_access.site",
+        "merge the two entries into one",
+    ),
+}
 
 
 class _Section(BaseModel):
@@ -354,9 +377,17 @@ def _resolve(base: Path, section: dict[str, object], *keys: str) -> None:
 def load(path: Path) -> SiteConfig:
     """Read and validate ``gateway.toml``."""
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise ConfigError(path, "(file)", "does not exist", "run `dicombridge init` first") from exc
+    return parse(text, path)
+
+
+def parse(text: str, path: Path) -> SiteConfig:
+    """Validate ``text`` as the content of ``gateway.toml`` at ``path`` (relative paths
+    are taken against its directory); ``ConfigError`` names the field and the fix."""
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, "(syntax)", str(exc), "fix the TOML syntax at that line") from exc
     base = path.resolve().parent
@@ -388,7 +419,12 @@ def load(path: Path) -> SiteConfig:
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(path, field, first["msg"], _FIXES.get(field, _DEFAULT_FIX)) from exc
+        problem = str(first["msg"]).removeprefix("Value error, ")
+        if not field and problem in _WHOLE_FILE:
+            field, fix = _WHOLE_FILE[problem]
+            raise ConfigError(path, field, problem, fix) from exc
+        fix = _FIXES.get(field, _DEFAULT_FIX)
+        raise ConfigError(path, field or "(whole file)", problem, fix) from exc
 
 
 def render_template(*, site_id: str, broker_url: str, operator_key: str) -> str:
