@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -17,12 +18,13 @@ import typer
 from pydantic import SecretStr
 
 from dicombridge import config as site_config
-from dicombridge import identity, retention
+from dicombridge import identity, retention, routing_table
 from dicombridge.errors import BridgeError, ConfigError
 from dicombridge.keys import SiteKeys, utc_now
 from dicombridge.management import ManagementClient
 from dicombridge.operator import OperatorWorkspace
 from dicombridge.outbox import Outbox
+from dicombridge.qr_scu import QuerySCU
 from dicombridge.quarantine import Quarantine
 from dicombridge.topology import Limits, PlaneLimits, build_definitions
 
@@ -59,6 +61,15 @@ outbox_app = typer.Typer(
 app.add_typer(quarantine_app, name="quarantine")
 app.add_typer(outbox_app, name="outbox")
 app.add_typer(sandbox_app, name="sandbox")
+routes_app = typer.Typer(
+    help="Routes: a called AE title here that reaches a node at another site.",
+    no_args_is_help=True,
+)
+nodes_app = typer.Typer(
+    help="This hospital's DICOM nodes the gateway sends to and queries.", no_args_is_help=True
+)
+app.add_typer(routes_app, name="routes")
+app.add_typer(nodes_app, name="nodes")
 
 ConfigOption = Annotated[
     Path,
@@ -516,6 +527,130 @@ def _admin_password(path: Path | None) -> SecretStr:
             "pass --admin-password-file or set DICOMBRIDGE_BROKER_ADMIN_PASSWORD",
         )
     return SecretStr(value)
+
+
+# --- the routing table ----------------------------------------------------------------
+
+
+def _rows_out(rows: list[dict[str, object]], columns: list[str], as_json: bool) -> None:
+    if as_json:
+        _out(json.dumps(rows, indent=2))
+    else:
+        _table(rows, columns)
+
+
+def _route_rows(cfg: site_config.SiteConfig) -> list[dict[str, object]]:
+    return [{"ae_title": r.ae_title, "site": r.site, "node": r.node} for r in cfg.routes]
+
+
+def _node_rows(cfg: site_config.SiteConfig) -> list[dict[str, object]]:
+    return [
+        {"name": n.name, "ae_title": n.ae_title, "host": n.host, "port": n.port, "c_get": n.c_get}
+        for n in cfg.local_nodes
+    ]
+
+
+@routes_app.command("list")
+def routes_list(config: ConfigOption = Path("gateway.toml"), as_json: JsonOption = False) -> None:
+    """Every route: the called AE title, the site and the node there it reaches."""
+    _rows_out(_route_rows(site_config.load(config)), ["ae_title", "site", "node"], as_json)
+
+
+@routes_app.command("add")
+def routes_add(
+    ae_title: Annotated[str, typer.Argument(help="The called AE title local devices use.")],
+    site: Annotated[str, typer.Option(help="The remote site's id in the directory.")],
+    node: Annotated[str, typer.Option(help="The node's name at that site.")] = "PACS",
+    config: ConfigOption = Path("gateway.toml"),
+) -> None:
+    """Add a route (validated with the whole file before it is written)."""
+    cfg = routing_table.add_route(config, ae_title=ae_title, site=site, node=node)
+    _out(f"route {ae_title.strip()} -> {site} / {node} added to {config}")
+    _warn_if_not_in_directory(cfg, site)
+
+
+@routes_app.command("remove")
+def routes_remove(
+    ae_title: Annotated[str, typer.Argument(help="The route's called AE title.")],
+    config: ConfigOption = Path("gateway.toml"),
+) -> None:
+    """Remove a route."""
+    routing_table.remove_route(config, ae_title)
+    _out(f"route {ae_title.strip()} removed from {config}")
+
+
+def _warn_if_not_in_directory(cfg: site_config.SiteConfig, site: str) -> None:
+    """A route to a site the signed directory does not list cannot carry anything yet."""
+    try:
+        directory = identity.load_directory(cfg, record=False)
+    except BridgeError as exc:
+        _out(f"note: the federation directory could not be checked ({exc})")
+        return
+    if directory.site(site) is None:
+        _out(
+            f"warning: site {site!r} is not in the signed federation directory; instances "
+            "sent to this route are refused until the operator adds it"
+        )
+
+
+@nodes_app.command("list")
+def nodes_list(config: ConfigOption = Path("gateway.toml"), as_json: JsonOption = False) -> None:
+    """Every local node: name, AE title, address, whether it answers C-GET."""
+    columns = ["name", "ae_title", "host", "port", "c_get"]
+    _rows_out(_node_rows(site_config.load(config)), columns, as_json)
+
+
+@nodes_app.command("add")
+def nodes_add(
+    name: Annotated[str, typer.Argument(help="The node's name here (the PACS is 'PACS').")],
+    ae_title: Annotated[str, typer.Option(help="The node's own AE title.")],
+    host: Annotated[str, typer.Option(help="Its host name or address.")],
+    port: Annotated[int, typer.Option(help="Its DICOM port.")],
+    c_get: Annotated[
+        bool, typer.Option("--c-get/--no-c-get", help="Whether it answers C-GET.")
+    ] = True,
+    config: ConfigOption = Path("gateway.toml"),
+) -> None:
+    """Add a local node (validated with the whole file before it is written)."""
+    routing_table.add_node(config, name=name, ae_title=ae_title, host=host, port=port, c_get=c_get)
+    _out(f"node {name} ({ae_title.strip()} at {host}:{port}) added to {config}")
+
+
+@nodes_app.command("remove")
+def nodes_remove(
+    name: Annotated[str, typer.Argument(help="The node's name.")],
+    config: ConfigOption = Path("gateway.toml"),
+) -> None:
+    """Remove a local node."""
+    routing_table.remove_node(config, name)
+    _out(f"node {name} removed from {config}")
+
+
+@nodes_app.command("echo")
+def nodes_echo(
+    name: Annotated[str, typer.Argument(help="The node's name.")],
+    config: ConfigOption = Path("gateway.toml"),
+) -> None:
+    """C-ECHO the node as the gateway's AE title; exit 1 if it does not answer success."""
+    cfg = site_config.load(config)
+    node = cfg.local_node(name)
+    if node is None:
+        names = ", ".join(n.name for n in cfg.local_nodes) or "none"
+        raise ConfigError(
+            config,
+            "local_nodes.name",
+            f"no local node named {name!r} (present: {names})",
+            "check the name with `dicombridge nodes list`",
+        )
+    started = time.monotonic()
+    outcome = QuerySCU(node, calling_ae_title=cfg.gateway.ae_title, connect_timeout_s=10).echo()
+    elapsed_ms = (time.monotonic() - started) * 1000
+    where = f"{node.name} ({node.ae_title} at {node.host}:{node.port})"
+    if outcome.is_success:
+        _out(f"{where}: C-ECHO success in {elapsed_ms:.0f} ms")
+        return
+    _out(f"{where}: C-ECHO failed, status {outcome.status:#06x}: {outcome.error_comment or '-'}")
+    raise typer.Exit(1)
 
 
 def main() -> None:

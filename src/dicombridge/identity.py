@@ -122,8 +122,9 @@ class LocalSite:
         return cls(config, keys, directory)
 
 
-def load_directory(config: site_config.SiteConfig) -> fed.Directory:
-    """Load the federation directory, verified against the pinned operator key."""
+def load_directory(config: site_config.SiteConfig, *, record: bool = True) -> fed.Directory:
+    """Load the federation directory, verified against the pinned operator key; with
+    ``record``, remember its version as the newest accepted (rollback protection)."""
     if not config.directory.operator_key:
         raise ConfigError(
             config.source,
@@ -134,4 +135,5 @@ def load_directory(config: site_config.SiteConfig) -> fed.Directory:
     pinned = operator_public_key(
         config.directory.operator_key, source=config.source, field="directory.operator_key"
     )
-    return fed.load(config.directory.path, pinned, state_path=config.directory.state_path)
+    state_path = config.directory.state_path if record else None
+    return fed.load(config.directory.path, pinned, state_path=state_path)

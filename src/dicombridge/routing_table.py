@@ -1,0 +1,155 @@
+"""Edit the routing table in ``gateway.toml``: routes (a called AE title on this gateway
+that reaches a node at another site) and local nodes (this hospital's DICOM nodes).
+
+An edit goes through the TOML document (tomlkit), so the operator's comments and layout
+stay as they were. The edited file is validated whole, with the same checks as a gateway
+start, before it is written; it is written atomically and durably (temporary file,
+fsync, rename). An edit that would leave the file invalid raises ``ConfigError`` naming
+the file, the field and the fix, and the file is left unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import tomlkit
+from pydantic import ValidationError
+from tomlkit.exceptions import TOMLKitError
+from tomlkit.items import AoT, Table
+from tomlkit.toml_document import TOMLDocument
+
+from dicombridge import config as site_config
+from dicombridge.config import LocalNode, RouteEntry, SiteConfig
+from dicombridge.durable import write_durably
+from dicombridge.errors import ConfigError
+
+# The command that edits each table, for the fixes in error messages.
+_COMMAND = {"routes": "routes", "local_nodes": "nodes"}
+
+
+def add_route(path: Path, *, ae_title: str, site: str, node: str = "PACS") -> SiteConfig:
+    """Add a route: ``ae_title`` on this gateway reaches ``node`` at ``site``."""
+    entry = _entry(path, "routes", RouteEntry, ae_title=ae_title, site=site, node=node)
+    return _add(path, "routes", "ae_title", entry.model_dump())
+
+
+def remove_route(path: Path, ae_title: str) -> SiteConfig:
+    """Remove the route whose called AE title is ``ae_title``."""
+    return _edit(path, lambda document: _remove(path, document, "routes", "ae_title", ae_title))
+
+
+def add_node(
+    path: Path, *, name: str, ae_title: str, host: str, port: int, c_get: bool = True
+) -> SiteConfig:
+    """Add a local node the gateway may send to and query."""
+    entry = _entry(
+        path,
+        "local_nodes",
+        LocalNode,
+        name=name,
+        ae_title=ae_title,
+        host=host,
+        port=port,
+        c_get=c_get,
+    )
+    return _add(path, "local_nodes", "name", entry.model_dump())
+
+
+def remove_node(path: Path, name: str) -> SiteConfig:
+    """Remove the local node ``name``."""
+    return _edit(path, lambda document: _remove(path, document, "local_nodes", "name", name))
+
+
+# --- the document -----------------------------------------------------------------------
+
+
+def _entry(path: Path, section: str, model: Any, **fields: Any) -> Any:
+    """Validate one new entry on its own, so that an error names its field."""
+    try:
+        return model(**fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join([section, *(str(p) for p in first["loc"])])
+        raise ConfigError(path, field, first["msg"], "correct that option and run again") from exc
+
+
+def _add(path: Path, key: str, field: str, values: dict[str, Any]) -> SiteConfig:
+    """Append ``values`` as a new ``[[key]]`` table, unless one has the same ``field``."""
+
+    def change(document: TOMLDocument) -> None:
+        value = values[field]
+        if any(str(t.get(field, "")).strip() == value for t in _tables(document, key)):
+            raise ConfigError(
+                path,
+                f"{key}.{field}",
+                f"an entry with {field} {value!r} already exists",
+                f"choose another {field}, or `dicombridge {_COMMAND[key]} remove` the old one "
+                "first",
+            )
+        _append(path, document, key, values)
+
+    return _edit(path, change)
+
+
+def _edit(path: Path, change: Callable[[TOMLDocument], None]) -> SiteConfig:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(path, "(file)", "does not exist", "run `dicombridge init` first") from exc
+    site_config.parse(text, path)  # refuse to edit a file that is already broken
+    try:
+        document = tomlkit.parse(text)
+    except TOMLKitError as exc:
+        raise ConfigError(path, "(syntax)", str(exc), "fix the TOML syntax at that line") from exc
+    change(document)
+    edited = tomlkit.dumps(document)
+    validated = site_config.parse(edited, path)
+    write_durably(path, edited.encode("utf-8"), mode=stat.S_IMODE(os.stat(path).st_mode))
+    return validated
+
+
+def _tables(document: TOMLDocument, key: str) -> list[Table]:
+    found = document.get(key)
+    return list(found) if isinstance(found, AoT) else []
+
+
+def _append(path: Path, document: TOMLDocument, key: str, values: dict[str, Any]) -> None:
+    table = tomlkit.table()
+    for name, value in values.items():
+        table[name] = value
+    found = document.get(key)
+    if isinstance(found, AoT):
+        found.append(table)
+        return
+    if found is not None:
+        raise ConfigError(
+            path, key, f"is not written as [[{key}]] tables", f"rewrite it as [[{key}]] blocks"
+        )
+    document.add(tomlkit.nl())
+    document.append(key, tomlkit.aot())
+    aot = document[key]
+    assert isinstance(aot, AoT)
+    aot.append(table)
+
+
+def _remove(path: Path, document: TOMLDocument, key: str, field: str, value: str) -> None:
+    tables = _tables(document, key)
+    for index, table in enumerate(tables):
+        if str(table.get(field, "")).strip() == value.strip():
+            aot = document[key]
+            assert isinstance(aot, AoT)
+            del aot[index]
+            if not len(aot):
+                del document[key]
+            return
+    present = ", ".join(sorted(str(t.get(field, "")) for t in tables)) or "none"
+    raise ConfigError(
+        path,
+        f"{key}.{field}",
+        f"no entry with {field} {value!r} (present: {present})",
+        f"check the {field} with `dicombridge {_COMMAND[key]} list`",
+    )

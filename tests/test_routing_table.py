@@ -1,0 +1,176 @@
+"""`dicombridge routes` and `dicombridge nodes`: edits of gateway.toml that keep its
+comments, are validated whole before they are written, and refuse what would break it."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dicombridge import config as site_config
+from dicombridge.orthanc import OrthancServer, OrthancSettings, free_port
+from tests.test_cli import run
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    """A site made by `dicombridge init`; its gateway.toml."""
+    run("init", "--site", "hosp-a", "--dir", tmp_path / "a")
+    return tmp_path / "a" / "gateway.toml"
+
+
+def test_routes_add_list_remove_keep_the_operators_comments(site: Path) -> None:
+    """Routes added appear in `routes list` (table and JSON) and in the loaded config;
+    every comment of the file is still there and its mode unchanged; removing them
+    leaves the file as it was."""
+    original = site.read_text()
+    mode = stat.S_IMODE(os.stat(site).st_mode)
+    added = run("routes", "add", "HOSP_B", "--site", "hosp-b", "--config", site)
+    assert "route HOSP_B -> hosp-b / PACS added" in added.stdout
+    assert "directory could not be checked" in added.stdout  # none distributed yet
+    run("routes", "add", "HOSP_C_CT", "--site", "hosp-c", "--node", "CT_ARCHIVE", "--config", site)
+
+    listed = json.loads(run("routes", "list", "--config", site, "--json").stdout)
+    assert listed == [
+        {"ae_title": "HOSP_B", "site": "hosp-b", "node": "PACS"},
+        {"ae_title": "HOSP_C_CT", "site": "hosp-c", "node": "CT_ARCHIVE"},
+    ]
+    table = run("routes", "list", "--config", site).stdout
+    assert "HOSP_C_CT" in table
+    assert "CT_ARCHIVE" in table
+    cfg = site_config.load(site)
+    assert cfg.route("HOSP_B") is not None
+    edited = site.read_text()
+    comments = [line for line in original.splitlines() if line.lstrip().startswith("#")]
+    assert all(line in edited.splitlines() for line in comments)
+    assert stat.S_IMODE(os.stat(site).st_mode) == mode
+
+    run("routes", "remove", "HOSP_B", "--config", site)
+    run("routes", "remove", "HOSP_C_CT", "--config", site)
+    assert site_config.load(site).routes == []
+    assert run("routes", "list", "--config", site).stdout.strip() == "(none)"
+    assert site.read_text().strip() == original.strip()
+
+
+@pytest.mark.parametrize(
+    ("args", "field", "problem"),
+    [
+        (["HOSP_B", "--site", "hosp-b"], "routes.ae_title", "already exists"),
+        (["A" * 17, "--site", "hosp-c"], "routes.ae_title", "1 to 16 characters"),
+        (["HOSP_X", "--site", "Not A Slug"], "routes.site", ""),
+        (["HOSP_SELF", "--site", "hosp-a"], "routes.site: a route leads to this site", "other"),
+        (["DICOMBRIDGE", "--site", "hosp-c"], "routes.ae_title: a route uses the gateway", "own"),
+    ],
+)
+def test_an_invalid_route_is_refused_and_the_file_left_unchanged(
+    site: Path, args: list[str], field: str, problem: str
+) -> None:
+    """A duplicate, a bad AE title or site id, a route to this site itself or one that
+    takes the gateway's own AE title: exit 2, one line naming the file, the field and the
+    problem, and not a byte of gateway.toml changed."""
+    run("routes", "add", "HOSP_B", "--site", "hosp-b", "--config", site)
+    before = site.read_bytes()
+    refused = run("routes", "add", *args, "--config", site, ok=False)
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("error: ")
+    assert str(site) in refused.stderr
+    assert field in refused.stderr
+    assert problem in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert site.read_bytes() == before
+
+
+def test_removing_what_is_not_there_names_what_is(site: Path) -> None:
+    """`routes remove` and `nodes remove` of an unknown name exit 2 and list the present
+    ones; the file is unchanged."""
+    run("routes", "add", "HOSP_B", "--site", "hosp-b", "--config", site)
+    before = site.read_bytes()
+    route = run("routes", "remove", "HOSP_Z", "--config", site, ok=False)
+    assert route.returncode == 2
+    assert "no entry with ae_title 'HOSP_Z' (present: HOSP_B)" in route.stderr
+    node = run("nodes", "remove", "CT", "--config", site, ok=False)
+    assert node.returncode == 2
+    assert "(present: none)" in node.stderr
+    assert site.read_bytes() == before
+
+
+def test_nodes_add_list_remove_and_refusals(site: Path) -> None:
+    """Nodes added appear in `nodes list` and the loaded config; a duplicate name or a
+    port out of range is refused naming the field; remove takes it out."""
+    run(
+        "nodes", "add", "PACS", "--ae-title", "ORTHANC", "--host", "10.0.0.5", "--port", "4242",
+        "--config", site,
+    )  # fmt: skip
+    run(
+        "nodes", "add", "CT", "--ae-title", "CT01", "--host", "ct.local", "--port", "104",
+        "--no-c-get", "--config", site,
+    )  # fmt: skip
+    listed = json.loads(run("nodes", "list", "--config", site, "--json").stdout)
+    assert listed == [
+        {"name": "PACS", "ae_title": "ORTHANC", "host": "10.0.0.5", "port": 4242, "c_get": True},
+        {"name": "CT", "ae_title": "CT01", "host": "ct.local", "port": 104, "c_get": False},
+    ]
+    before = site.read_bytes()
+    duplicate = run(
+        "nodes", "add", "PACS", "--ae-title", "X", "--host", "h", "--port", "1", "--config", site,
+        ok=False,
+    )  # fmt: skip
+    assert "local_nodes.name" in duplicate.stderr
+    assert "an entry with name 'PACS' already exists" in duplicate.stderr
+    bad_port = run(
+        "nodes", "add", "MR", "--ae-title", "MR1", "--host", "h", "--port", "70000",
+        "--config", site, ok=False,
+    )  # fmt: skip
+    assert bad_port.returncode == 2
+    assert "local_nodes.port" in bad_port.stderr
+    assert site.read_bytes() == before
+    run("nodes", "remove", "CT", "--config", site)
+    assert [n.name for n in site_config.load(site).local_nodes] == ["PACS"]
+
+
+def test_a_file_already_broken_is_not_edited(site: Path) -> None:
+    """An edit of a gateway.toml that does not load is refused with the file's own
+    error (field and fix), before anything is written."""
+    site.write_text(site.read_text().replace('id = "hosp-a"', 'id = "Hosp A"'))
+    before = site.read_bytes()
+    refused = run("routes", "add", "HOSP_B", "--site", "hosp-b", "--config", site, ok=False)
+    assert refused.returncode == 2
+    assert "site.id" in refused.stderr
+    assert site.read_bytes() == before
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[OrthancServer]:
+    server = OrthancServer.start(tmp_path / "orthanc", OrthancSettings(ae_title="ORTHANC"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_nodes_echo_answers_for_a_real_pacs_and_fails_for_a_dead_one(
+    site: Path, orthanc: OrthancServer
+) -> None:
+    """`nodes echo` C-ECHOes Orthanc (exit 0, success and the time); a node nobody
+    listens for fails with exit 1 and a status; an unknown name is a config error."""
+    run(
+        "nodes", "add", "PACS", "--ae-title", "ORTHANC", "--host", "127.0.0.1",
+        "--port", str(orthanc.dicom_port), "--config", site,
+    )  # fmt: skip
+    run(
+        "nodes", "add", "GONE", "--ae-title", "GONE", "--host", "127.0.0.1",
+        "--port", str(free_port()), "--config", site,
+    )  # fmt: skip
+    answered = run("nodes", "echo", "PACS", "--config", site)
+    assert "PACS (ORTHANC at 127.0.0.1" in answered.stdout
+    assert "C-ECHO success" in answered.stdout
+    dead = run("nodes", "echo", "GONE", "--config", site, ok=False)
+    assert dead.returncode == 1
+    assert "C-ECHO failed, status 0x" in dead.stdout
+    unknown = run("nodes", "echo", "NOPE", "--config", site, ok=False)
+    assert unknown.returncode == 2
+    assert "no local node named 'NOPE' (present: PACS, GONE)" in unknown.stderr
