@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from dicombridge import config as site_config
+from dicombridge import routing_table
+from dicombridge.errors import ConfigError
 from dicombridge.orthanc import OrthancServer, OrthancSettings, free_port
 from tests.test_cli import run
 
@@ -174,3 +176,31 @@ def test_nodes_echo_answers_for_a_real_pacs_and_fails_for_a_dead_one(
     unknown = run("nodes", "echo", "NOPE", "--config", site, ok=False)
     assert unknown.returncode == 2
     assert "no local node named 'NOPE' (present: PACS, GONE)" in unknown.stderr
+
+
+def test_running_table_takes_only_the_routing_table_from_an_edit(site: Path) -> None:
+    """A running gateway takes routes, local nodes and remote access from the edited
+    file, keeps its other settings (named as needing a restart), and refuses a table
+    that fits only the edited file's other settings."""
+    running = site_config.load(site)
+    run("routes", "add", "HOSP_B", "--site", "hosp-b", "--config", site)
+    run(
+        "nodes", "add", "PACS", "--ae-title", "ORTHANC", "--host", "h", "--port", "104",
+        "--config", site,
+    )  # fmt: skip
+    site.write_text(site.read_text().replace("port = 11112", "port = 11113", 1))
+    edited = site_config.load(site)
+    merged, restart = routing_table.running_table(running, edited)
+    assert [r.ae_title for r in merged.routes] == ["HOSP_B"]
+    assert [n.name for n in merged.local_nodes] == ["PACS"]
+    assert merged.gateway == running.gateway
+    assert restart == ["gateway"]
+
+    # The edit frees the AE title HOSP_B from the gateway and gives it to a route: valid
+    # as a file, but not with the running gateway's own AE title.
+    site.write_text(site.read_text().replace('ae_title = "DICOMBRIDGE"', 'ae_title = "OTHER"', 1))
+    clash = running.model_copy(
+        update={"gateway": running.gateway.model_copy(update={"ae_title": "HOSP_B"})}
+    )
+    with pytest.raises(ConfigError, match=r"with the running \[gateway\] settings"):
+        routing_table.running_table(clash, site_config.load(site))

@@ -164,6 +164,9 @@ class GatewaySection(_Section):
     network_timeout_s: float = Field(default=60.0, gt=0)
     # On SIGTERM: how long open associations and the C-STORE under way may take to finish.
     shutdown_grace_s: float = Field(default=20.0, ge=0, le=600)
+    # How often the running gateway looks for an edited routing table (routes, local
+    # nodes, remote access) in this file, and applies it without a restart.
+    reload_check_s: float = Field(default=2.0, ge=0.1, le=300)
 
 
 class RouteEntry(_Section):
@@ -483,6 +486,9 @@ maximum_pdu_bytes = 1048576
 acse_timeout_s = 30
 dimse_timeout_s = 60
 network_timeout_s = 60
+# The routing table below (routes, local_nodes, remote_access) is reloaded while the
+# gateway runs, within this many seconds of an edit; other sections need a restart.
+reload_check_s = 2
 
 # Routes: a called AE title on this gateway that reaches a node at another site.
 # [[routes]]

@@ -106,6 +106,10 @@ class Deliverer:
         # Instances in doubt found already stored by the node: not sent twice.
         self.in_doubt_found = 0
 
+    def replace_nodes(self, local_nodes: dict[str, LocalNode]) -> None:
+        """Deliver to these nodes from the next transfer on (a reloaded routing table)."""
+        self._nodes = local_nodes
+
     def submit(self, incoming: IncomingTransfer) -> None:
         """Queue a transfer for delivery, unless it is already queued or under way."""
         tid = incoming.transfer_id.hex()

@@ -13,6 +13,11 @@
 Everything runs on one asyncio loop in a ``TaskGroup``; pynetdicom's threads hand work to
 it explicitly.
 
+The routing table (routes, local nodes, remote access) is reloaded from ``gateway.toml``
+within ``[gateway] reload_check_s`` of an edit, without a restart and without touching
+open associations: new associations, deliveries and queries use the new table. An edit
+that does not load is logged and the table in force stays.
+
 Stopping (SIGTERM or SIGINT, ``stop`` set): the SCP stops listening and lets open
 associations finish within ``gateway.shutdown_grace_s`` (C-STOREs still waiting are
 answered 0xA700); the C-STORE under way to the local PACS finishes (its retries do not
@@ -26,15 +31,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import os
 import random
 import signal
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
+from dicombridge import config as site_config
+from dicombridge import routing_table
 from dicombridge.acceptance import AcceptancePolicy
-from dicombridge.config import LocalNode
+from dicombridge.config import LocalNode, SiteConfig
 from dicombridge.control import (
     CANCEL,
     QUERY,
@@ -50,6 +59,7 @@ from dicombridge.control import (
 from dicombridge.delivery import Deliverer, StoreClient
 from dicombridge.errors import (
     BrokerUnreachableError,
+    ConfigError,
     IntegrityError,
     OutboxDiskFullError,
     OutboxFullError,
@@ -95,6 +105,11 @@ class Gateway:
             on_duplicate=self._on_resent,
         )
         self._clients: dict[str, StoreSCUPool] = {}
+        self._scp: StorageSCP | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        # Edits of the routing table applied, and refused (the old table stayed).
+        self.table_reloads = 0
+        self.table_reloads_refused = 0
         self.deliverer = Deliverer(
             local_nodes={n.name: n for n in config.local_nodes},
             clients=self._client,
@@ -483,10 +498,12 @@ class Gateway:
             queries=self.requester,
         ) as scp:
             self.scp_port = scp.port
+            self._scp = scp
             self.responder.retrieve_handlers = scp.retrieve_handlers
             try:
                 async with asyncio.TaskGroup() as group:
                     group.create_task(self.deliverer.run())
+                    group.create_task(self._watch_table())
                     group.create_task(self._rescan_incoming())
                     group.create_task(self._retention())
                     group.create_task(self._broker_side(scp_started))
@@ -503,6 +520,63 @@ class Gateway:
                 for client in self._clients.values():
                     await asyncio.to_thread(client.close)
                 self.unsent_receipts.close()
+
+    # --- the routing table ------------------------------------------------------------
+
+    def apply_table(self, edited: SiteConfig) -> list[str]:
+        """Serve ``edited``'s routing table from now on; return the other sections it
+        changes (ignored until a restart). ``ConfigError`` if it does not fit the running
+        settings: then nothing changes.
+
+        Open associations keep going; a node whose address changed gets a new pool of
+        associations, the old one closing once its C-STORE under way has finished."""
+        merged, restart = routing_table.running_table(self.site.config, edited)
+        old_nodes = {node.name: node for node in self.site.config.local_nodes}
+        nodes = {node.name: node for node in merged.local_nodes}
+        self.site = dataclasses.replace(self.site, config=merged)
+        self.deliverer.replace_nodes(nodes)
+        self.requester.replace_table(merged.routes, merged.local_nodes)
+        self.responder.replace_table(nodes, RemoteAccessPolicy(merged.remote_access))
+        if self._scp is not None:
+            self._scp.replace_policy(self.acceptance_policy())
+        for name, node in old_nodes.items():
+            if nodes.get(name) != node and name in self._clients:
+                retired = self._clients.pop(name)
+                task = asyncio.get_running_loop().create_task(asyncio.to_thread(retired.close))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+        return restart
+
+    async def _watch_table(self) -> None:
+        """Reload the routing table when ``gateway.toml`` changes (its size, time or
+        inode: editors and ``dicombridge routes`` replace it by a rename)."""
+        path = self.site.config.source
+        seen = await asyncio.to_thread(_stamp, path)
+        while True:
+            await asyncio.sleep(self.site.config.gateway.reload_check_s)
+            stamp = await asyncio.to_thread(_stamp, path)
+            if stamp == seen:
+                continue
+            seen = stamp
+            try:
+                edited = await asyncio.to_thread(site_config.load, path)
+                restart = self.apply_table(edited)
+            except ConfigError as exc:
+                self.table_reloads_refused += 1
+                log.error(
+                    "routing table not reloaded; the one in force stays",
+                    extra={"error": str(exc)},
+                )
+                continue
+            self.table_reloads += 1
+            log.info(
+                "routing table reloaded",
+                extra={
+                    "routes": len(self.site.config.routes),
+                    "local_nodes": len(self.site.config.local_nodes),
+                    "needs_restart": restart,
+                },
+            )
 
     async def _retention(self) -> None:
         """Alarms before outbox, spool, incoming or quarantine reach their limits; purges."""
@@ -618,3 +692,12 @@ def run_gateway(config_path: Path) -> None:
             await Gateway(site).run(stop=stop)
 
     asyncio.run(main())
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """What tells an edited file from the one read before (None: it is gone)."""
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return status.st_mtime_ns, status.st_size, status.st_ino

@@ -187,6 +187,12 @@ class Requester:
     def loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
+    def replace_table(self, routes: list[RouteEntry], local_nodes: list[LocalNode]) -> None:
+        """Use these routes and nodes from the next request on (sessions under way keep
+        the site they started with)."""
+        self._routes = {route.ae_title: route for route in routes}
+        self._nodes_by_ae = {node.ae_title: node for node in local_nodes}
+
     def route(self, called_ae_title: str) -> RouteEntry | None:
         return self._routes.get(called_ae_title.strip())
 

@@ -14,7 +14,7 @@ import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import tomlkit
 from pydantic import ValidationError
@@ -27,6 +27,8 @@ from dicombridge.config import LocalNode, RouteEntry, SiteConfig
 from dicombridge.durable import write_durably
 from dicombridge.errors import ConfigError
 
+# What a running gateway takes from an edited file without a restart.
+HOT_SECTIONS: Final = ("routes", "local_nodes", "remote_access")
 # The command that edits each table, for the fixes in error messages.
 _COMMAND = {"routes": "routes", "local_nodes": "nodes"}
 
@@ -62,6 +64,32 @@ def add_node(
 def remove_node(path: Path, name: str) -> SiteConfig:
     """Remove the local node ``name``."""
     return _edit(path, lambda document: _remove(path, document, "local_nodes", "name", name))
+
+
+def running_table(running: SiteConfig, edited: SiteConfig) -> tuple[SiteConfig, list[str]]:
+    """The running configuration with ``edited``'s routing table (``HOT_SECTIONS``), and
+    the other sections ``edited`` changes (they take effect at the next restart).
+
+    Checked whole again: a table that is valid only with the edited file's other
+    sections (say, a route that takes the running gateway's AE title) is refused with
+    ``ConfigError``."""
+    restart = [
+        name
+        for name in SiteConfig.model_fields
+        if name not in (*HOT_SECTIONS, "source") and getattr(running, name) != getattr(edited, name)
+    ]
+    merged = running.model_copy(update={name: getattr(edited, name) for name in HOT_SECTIONS})
+    try:
+        return SiteConfig.model_validate(merged.model_dump()), restart
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        problem = str(first["msg"]).removeprefix("Value error, ")
+        raise ConfigError(
+            running.source,
+            ".".join(str(p) for p in first["loc"]) or "(routing table)",
+            f"{problem} with the running [gateway] settings",
+            "restart the gateway to apply the other sections first",
+        ) from exc
 
 
 # --- the document -----------------------------------------------------------------------
