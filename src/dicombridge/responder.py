@@ -108,16 +108,16 @@ class Responder:
         self._tasks: set[asyncio.Task[None]] = set()
         # Set by the gateway once its Storage SCP runs; without it C-GET becomes C-MOVE.
         self.retrieve_handlers: RetrieveHandlers | None = None
-
-    def replace_table(self, local_nodes: dict[str, LocalNode], policy: RemoteAccessPolicy) -> None:
-        """Answer with these nodes and this policy from the next request on."""
-        self._nodes = local_nodes
-        self._policy = policy
         # Retrieves sent to a local node as C-GET / as C-MOVE (figures for tests).
         self.gets_sent = 0
         self.moves_sent = 0
         # Responses the broker confirmed, over the gateway's life (a figure for tests).
         self.responses_sent = 0
+
+    def replace_table(self, local_nodes: dict[str, LocalNode], policy: RemoteAccessPolicy) -> None:
+        """Answer with these nodes and this policy from the next request on."""
+        self._nodes = local_nodes
+        self._policy = policy
 
     @property
     def running(self) -> int:
