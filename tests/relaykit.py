@@ -93,6 +93,7 @@ def _configure(
         f'host = "{n.host}"\nport = {n.port}\nc_get = {str(n.c_get).lower()}\n'
         for n in nodes
     ]
+    blocks.append(f"\n[monitoring]\nport = {free_port()}\n")
     config_path.write_text(text + "".join(blocks), encoding="utf-8")
     site_config.load(config_path)
 

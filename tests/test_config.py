@@ -51,9 +51,30 @@ def test_password_in_url_is_refused(config: Path) -> None:
     assert caught.value.field == "broker.url"
 
 
-def test_duplicate_route_ae_titles_are_refused(config: Path) -> None:
-    """Two routes with one AE title cannot both be served: the file is refused."""
+def test_a_route_an_earlier_one_shadows_is_refused(config: Path) -> None:
+    """Two routes with one AE title and no condition: the second is never reached, and
+    the file is refused naming both positions and the fix."""
     routes = '\n[[routes]]\nae_title = "HOSP_B"\nsite = "hosp-b"\n' * 2
     config.write_text(config.read_text() + routes)
-    with pytest.raises(ConfigError, match="same ae_title"):
+    with pytest.raises(ConfigError, match="route 2 is never reached: route 1") as caught:
         load(config)
+    assert caught.value.field == "routes"
+    assert "narrower route first" in str(caught.value)
+
+
+def test_routes_sharing_an_ae_title_with_conditions_load(config: Path) -> None:
+    """A narrower route before a catch-all of the same AE title loads; site and sites
+    give the destinations; naming both, or neither, is refused."""
+    routes = (
+        '\n[[routes]]\nae_title = "HOSP_B"\nsites = ["hosp-b", "hosp-c"]\n'
+        'calling_ae_titles = ["CT*"]\nmatch = {Modality = ["CT", "PT"]}\n'
+        '\n[[routes]]\nae_title = "HOSP_B"\nsite = "hosp-b"\n'
+    )
+    config.write_text(config.read_text() + routes)
+    loaded = load(config)
+    assert [r.destinations for r in loaded.routes] == [("hosp-b", "hosp-c"), ("hosp-b",)]
+    assert loaded.routes[0].match == {"Modality": ["CT", "PT"]}
+    config.write_text(config.read_text() + '\n[[routes]]\nae_title = "X"\n')
+    with pytest.raises(ConfigError, match="name the destination") as caught:
+        load(config)
+    assert caught.value.field == "routes.2"

@@ -38,14 +38,28 @@ def test_routes_add_list_remove_keep_the_operators_comments(site: Path) -> None:
 
     listed = json.loads(run("routes", "list", "--config", site, "--json").stdout)
     assert listed == [
-        {"ae_title": "HOSP_B", "site": "hosp-b", "node": "PACS"},
-        {"ae_title": "HOSP_C_CT", "site": "hosp-c", "node": "CT_ARCHIVE"},
+        {
+            "position": 1,
+            "ae_title": "HOSP_B",
+            "sites": ["hosp-b"],
+            "node": "PACS",
+            "calling_ae_titles": [],
+            "match": {},
+        },
+        {
+            "position": 2,
+            "ae_title": "HOSP_C_CT",
+            "sites": ["hosp-c"],
+            "node": "CT_ARCHIVE",
+            "calling_ae_titles": [],
+            "match": {},
+        },
     ]
     table = run("routes", "list", "--config", site).stdout
     assert "HOSP_C_CT" in table
     assert "CT_ARCHIVE" in table
     cfg = site_config.load(site)
-    assert cfg.route("HOSP_B") is not None
+    assert [r.destinations for r in cfg.routes] == [("hosp-b",), ("hosp-c",)]
     edited = site.read_text()
     comments = [line for line in original.splitlines() if line.lstrip().startswith("#")]
     assert all(line in edited.splitlines() for line in comments)
@@ -61,7 +75,10 @@ def test_routes_add_list_remove_keep_the_operators_comments(site: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "field", "problem"),
     [
-        (["HOSP_B", "--site", "hosp-b"], "routes.ae_title", "already exists"),
+        (["HOSP_B", "--site", "hosp-c"], "routes: route 2 is never reached", "narrower"),
+        (["HOSP_M", "--site", "hosp-c", "--match", "Modalty=CT"], "routes.match", "keyword"),
+        (["HOSP_M", "--site", "hosp-c", "--match", "Modality"], "routes.match", "KEYWORD="),
+        (["HOSP_M", "--site", "hosp-c", "--site", "hosp-c"], "routes", "named twice"),
         (["A" * 17, "--site", "hosp-c"], "routes.ae_title", "1 to 16 characters"),
         (["HOSP_X", "--site", "Not A Slug"], "routes.site", ""),
         (["HOSP_SELF", "--site", "hosp-a"], "routes.site: a route leads to this site", "other"),
@@ -71,8 +88,9 @@ def test_routes_add_list_remove_keep_the_operators_comments(site: Path) -> None:
 def test_an_invalid_route_is_refused_and_the_file_left_unchanged(
     site: Path, args: list[str], field: str, problem: str
 ) -> None:
-    """A duplicate, a bad AE title or site id, a route to this site itself or one that
-    takes the gateway's own AE title: exit 2, one line naming the file, the field and the
+    """A route shadowed by an earlier one, a bad keyword or --match, a site named twice, a
+    bad AE title or site id, a route to this site itself or one that takes the gateway's
+    own AE title: exit 2, one line naming the file, the field and the
     problem, and not a byte of gateway.toml changed."""
     run("routes", "add", "HOSP_B", "--site", "hosp-b", "--config", site)
     before = site.read_bytes()
@@ -204,3 +222,85 @@ def test_running_table_takes_only_the_routing_table_from_an_edit(site: Path) -> 
     )
     with pytest.raises(ConfigError, match=r"with the running \[gateway\] settings"):
         routing_table.running_table(clash, site_config.load(site))
+
+
+def test_rules_and_fan_out_through_the_cli(site: Path) -> None:
+    """`routes add` writes a fan-out route with calling AE and attribute conditions as
+    readable TOML, --before puts a narrower route first, and `routes remove` asks which
+    one when several share the AE title, then takes the one at --position."""
+    run("routes", "add", "RESEARCH", "--site", "hosp-b", "--config", site)
+    run(
+        "routes", "add", "RESEARCH", "--site", "hosp-b", "--site", "hosp-c",
+        "--calling", "CT*", "--match", "Modality=CT,PT", "--match", "BodyPartExamined=HEAD",
+        "--before", "1", "--config", site,
+    )  # fmt: skip
+    text = site.read_text()
+    assert 'sites = ["hosp-b", "hosp-c"]' in text
+    assert 'match = {Modality = ["CT", "PT"], BodyPartExamined = "HEAD"}' in text
+    cfg = site_config.load(site)
+    assert [r.destinations for r in cfg.routes] == [("hosp-b", "hosp-c"), ("hosp-b",)]
+    assert cfg.routes[0].calling_ae_titles == ["CT*"]
+    table = run("routes", "list", "--config", site).stdout
+    assert "calling=CT* and Modality=CT|PT and BodyPartExamined=HEAD" in table
+    assert "always" in table
+
+    ambiguous = run("routes", "remove", "RESEARCH", "--config", site, ok=False)
+    assert ambiguous.returncode == 2
+    assert "2 routes have ae_title 'RESEARCH' (positions 1, 2)" in ambiguous.stderr
+    assert "--position" in ambiguous.stderr
+    wrong = run("routes", "remove", "RESEARCH", "--position", "3", "--config", site, ok=False)
+    assert "position 3 is not one of ae_title 'RESEARCH'" in wrong.stderr
+    run("routes", "remove", "RESEARCH", "--position", "1", "--config", site)
+    assert [r.destinations for r in site_config.load(site).routes] == [("hosp-b",)]
+    beyond = run(
+        "routes", "add", "RESEARCH", "--site", "hosp-c", "--match", "Modality=MR",
+        "--before", "5", "--config", site, ok=False,
+    )  # fmt: skip
+    assert "no route at position 5 (1 to 1)" in beyond.stderr
+
+
+def test_routes_check_explains_where_a_file_goes(site: Path, tmp_path: Path) -> None:
+    """`routes check --explain FILE` shows each route looked at in order, each condition
+    with the value seen, and the sites taken; a file no route selects is reported as
+    refused; --json gives the same verdicts; a file that is no DICOM is named."""
+    from tests.dicomkit import fresh_copy
+
+    ct = fresh_copy("CT_small.dcm", tmp_path)  # Modality CT
+    mr = fresh_copy("MR_small.dcm", tmp_path)  # Modality MR
+    run("routes", "add", "RESEARCH", "--site", "hosp-b", "--site", "hosp-c",
+        "--match", "Modality=CT", "--config", site)  # fmt: skip
+    run("routes", "add", "RESEARCH", "--site", "hosp-c", "--match", "Modality=MR",
+        "--calling", "MR0?", "--config", site)  # fmt: skip
+    run("routes", "add", "CT_ONLY", "--site", "hosp-b", "--match", "Modality=CT",
+        "--config", site)  # fmt: skip
+
+    checked = run("routes", "check", "--config", site).stdout
+    assert "3 route(s) on 2 AE title(s), valid" in checked
+    assert "every route of RESEARCH has a condition" in checked
+
+    explained = run(
+        "routes", "check", ct, mr, "--called-ae", "RESEARCH", "--calling-ae", "MR01",
+        "--explain", "--config", site,
+    ).stdout  # fmt: skip
+    assert f"{ct}: RESEARCH -> route 1 -> hosp-b, hosp-c / PACS" in explained
+    assert f"{mr}: RESEARCH -> route 2 -> hosp-c / PACS" in explained
+    assert 'Modality "MR" ~ CT: fails' in explained
+    assert 'calling AE title "MR01" ~ MR0?: holds' in explained
+
+    verdicts = json.loads(
+        run("routes", "check", mr, "--calling-ae", "US01", "--json", "--config", site).stdout
+    )
+    assert [(v["called_ae_title"], v["route"], v["sites"]) for v in verdicts] == [
+        ("RESEARCH", None, []),
+        ("CT_ONLY", None, []),
+    ]
+    refused = run("routes", "check", mr, "--called-ae", "CT_ONLY", "--config", site).stdout
+    assert "CT_ONLY -> no route holds: the C-STORE is refused (0x0110)" in refused
+
+    not_dicom = tmp_path / "notes.txt"
+    not_dicom.write_text("not an image")
+    bad = run("routes", "check", not_dicom, "--config", site, ok=False)
+    assert bad.returncode == 2
+    assert f"{not_dicom}: (file): not a readable DICOM file" in bad.stderr
+    unknown = run("routes", "check", ct, "--called-ae", "NOPE", "--config", site, ok=False)
+    assert "no route has ae_title 'NOPE' (present: RESEARCH, CT_ONLY)" in unknown.stderr

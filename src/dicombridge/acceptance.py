@@ -58,6 +58,7 @@ from pynetdicom.events import EventHandlerType
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from dicombridge.errors import DependencyVersionError
+from dicombridge.rules import wildcard_match
 
 LOGGER = logging.getLogger(__name__)
 
@@ -132,8 +133,9 @@ def _ae_title(value: str, what: str) -> str:
 class AcceptancePolicy:
     """Which called AE titles this gateway answers as, and whom each one admits.
 
-    ``called_ae_titles`` maps each route AE title to the calling AE titles it accepts,
-    or to ``None`` to accept any caller. Build it with ``AcceptancePolicy.of``.
+    ``called_ae_titles`` maps each route AE title to the calling AE titles it accepts
+    (patterns with DICOM's ``*`` and ``?`` wildcards), or to ``None`` to accept any
+    caller. Build it with ``AcceptancePolicy.of``.
     """
 
     called_ae_titles: Mapping[str, frozenset[str] | None]
@@ -169,7 +171,8 @@ class AcceptancePolicy:
         if called not in self.called_ae_titles:
             return RejectReason.CALLED_AE_TITLE_NOT_RECOGNIZED
         allowed = self.called_ae_titles[called]
-        if allowed is not None and calling_ae_title.strip(" ") not in allowed:
+        calling = calling_ae_title.strip(" ")
+        if allowed is not None and not any(wildcard_match(p, calling) for p in allowed):
             return RejectReason.CALLING_AE_TITLE_NOT_RECOGNIZED
         return None
 

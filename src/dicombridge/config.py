@@ -25,6 +25,7 @@ from pydantic import (
 from dicombridge.directory import SiteId
 from dicombridge.envelope import DEFAULT_FRAGMENT_SIZE, MAX_FRAGMENT_SIZE
 from dicombridge.errors import ConfigError
+from dicombridge.rules import check_keyword, check_pattern, never_reached
 from dicombridge.topology import check_site_id
 
 CONFIG_FILE: Final = "gateway.toml"
@@ -39,9 +40,10 @@ _FIXES: Final = {
 _DEFAULT_FIX: Final = "compare with the commented file that `dicombridge init` writes"
 # Checks across entries (SiteConfig._consistent): the field to name and the fix, by problem.
 _WHOLE_FILE: Final = {
-    "two routes have the same ae_title": (
-        "routes.ae_title",
-        "give each route its own AE title",
+    "is never reached": (
+        "routes",
+        "put the narrower route first, give the earlier one a condition the later one "
+        "lacks, or remove one of them (`dicombridge routes list` shows the order)",
     ),
     "a route uses the gateway's own ae_title": (
         "routes.ae_title",
@@ -54,6 +56,10 @@ _WHOLE_FILE: Final = {
     "two local_nodes have the same name": (
         "local_nodes.name",
         "give each local node its own name",
+    ),
+    "monitoring.ready_nodes names a node": (
+        "monitoring.ready_nodes",
+        "name nodes of [[local_nodes]] (`dicombridge nodes list`), or remove the key",
     ),
     "two remote_access entries name the same site": (
         "remote_access.site",
@@ -169,12 +175,51 @@ class GatewaySection(_Section):
     reload_check_s: float = Field(default=2.0, ge=0.1, le=300)
 
 
+def check_ae_pattern(value: str) -> str:
+    """A calling AE title, or a pattern of them with DICOM's ``*`` and ``?`` wildcards."""
+    return check_ae_title(value)
+
+
+AEPattern = Annotated[str, AfterValidator(check_ae_pattern)]
+Keyword = Annotated[str, AfterValidator(check_keyword)]
+Pattern = Annotated[str, AfterValidator(check_pattern)]
+
+
 class RouteEntry(_Section):
-    """A called AE title on this gateway that reaches a node at a remote site."""
+    """A called AE title on this gateway that reaches a node at one or more remote sites.
+
+    Routes with the same ``ae_title`` are rules taken in file order; ``calling_ae_titles``
+    and ``match`` are their conditions (see ``dicombridge.rules``).
+    """
 
     ae_title: AETitle
-    site: SiteId
+    # One site, or several (fan-out: each gets every instance the route takes).
+    site: SiteId | None = None
+    sites: list[SiteId] = Field(default_factory=list)
     node: str = Field(default="PACS", min_length=1, max_length=64)
+    # Conditions: the modality's AE title, and data set attributes by keyword.
+    calling_ae_titles: list[AEPattern] = Field(default_factory=list)
+    match: dict[Keyword, Pattern | list[Pattern]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_way_to_name_sites(self) -> RouteEntry:
+        if (self.site is None) == (not self.sites):
+            raise ValueError('name the destination as site = "..." or sites = ["...", ...]')
+        if len(set(self.sites)) != len(self.sites):
+            raise ValueError("a site is named twice in sites")
+        for keyword, wanted in self.match.items():
+            if isinstance(wanted, list) and not wanted:
+                raise ValueError(f"match.{keyword} lists no pattern")
+        return self
+
+    @property
+    def destinations(self) -> tuple[str, ...]:
+        """The sites this route sends to, in the order written."""
+        return (self.site,) if self.site is not None else tuple(self.sites)
+
+    @property
+    def conditions(self) -> bool:
+        return bool(self.calling_ae_titles or self.match)
 
 
 class LocalNode(_Section):
@@ -294,6 +339,27 @@ class RemoteAccessEntry(_Section):
         return self
 
 
+class MonitoringSection(_Section):
+    """The gateway's HTTP endpoints: ``/metrics`` (Prometheus), ``/healthz``, ``/readyz``
+    and ``/status`` (what ``dicombridge status`` reads). Plain HTTP without PHI; a
+    restart applies a change."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=9110, ge=1, le=65535)
+    # How often the ready nodes are C-ECHOed for /readyz.
+    node_check_s: float = Field(default=15.0, gt=0, le=3600)
+    # The local nodes that must answer C-ECHO for /readyz: those inbound studies go to.
+    # Default: the node named PACS, if there is one. A workstation that is only a C-MOVE
+    # destination may be switched off at night; it should not make the gateway unready.
+    ready_nodes: list[str] | None = None
+
+    def ready_node_names(self, local_nodes: list[LocalNode]) -> list[str]:
+        if self.ready_nodes is not None:
+            return list(self.ready_nodes)
+        return [node.name for node in local_nodes if node.name == "PACS"]
+
+
 class SiteConfig(_Section):
     """The whole of ``gateway.toml``; paths already resolved against its directory."""
 
@@ -311,16 +377,22 @@ class SiteConfig(_Section):
     retention: RetentionSection = RetentionSection()
     query: QuerySection = QuerySection()
     remote_access: list[RemoteAccessEntry] = Field(default_factory=list)
+    monitoring: MonitoringSection = MonitoringSection()
     source: Path = Path()
 
     @model_validator(mode="after")
     def _consistent(self) -> SiteConfig:
         titles = [r.ae_title for r in self.routes]
-        if len(titles) != len(set(titles)):
-            raise ValueError("two routes have the same ae_title")
+        shadowed = never_reached(self.routes)
+        if shadowed is not None:
+            earlier, later = shadowed
+            raise ValueError(
+                f"route {later} is never reached: route {earlier} has the same ae_title "
+                "and holds whenever it would"
+            )
         if self.gateway.ae_title in titles:
             raise ValueError("a route uses the gateway's own ae_title")
-        if any(r.site == self.site.id for r in self.routes):
+        if any(self.site.id in r.destinations for r in self.routes):
             raise ValueError("a route leads to this site itself")
         names = [n.name for n in self.local_nodes]
         if len(names) != len(set(names)):
@@ -328,10 +400,9 @@ class SiteConfig(_Section):
         granted = [entry.site for entry in self.remote_access]
         if len(granted) != len(set(granted)):
             raise ValueError("two remote_access entries name the same site")
+        if set(self.monitoring.ready_node_names(self.local_nodes)) - set(names):
+            raise ValueError("monitoring.ready_nodes names a node that is not a local node")
         return self
-
-    def route(self, called_ae_title: str) -> RouteEntry | None:
-        return next((r for r in self.routes if r.ae_title == called_ae_title), None)
 
     def local_node(self, name: str) -> LocalNode | None:
         return next((n for n in self.local_nodes if n.name == name), None)
@@ -423,8 +494,9 @@ def parse(text: str, path: Path) -> SiteConfig:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
         problem = str(first["msg"]).removeprefix("Value error, ")
-        if not field and problem in _WHOLE_FILE:
-            field, fix = _WHOLE_FILE[problem]
+        whole = next((key for key in _WHOLE_FILE if key in problem), None)
+        if not field and whole is not None:
+            field, fix = _WHOLE_FILE[whole]
             raise ConfigError(path, field, problem, fix) from exc
         fix = _FIXES.get(field, _DEFAULT_FIX)
         raise ConfigError(path, field or "(whole file)", problem, fix) from exc
@@ -495,6 +567,18 @@ reload_check_s = 2
 # ae_title = "HOSP_B"
 # site = "hosp-b"
 # node = "PACS"
+#
+# Rules and fan-out: routes sharing an ae_title are tried in file order and the first
+# whose conditions hold is taken; each site in `sites` gets every instance it takes.
+# Conditions: calling_ae_titles, and data set attributes by keyword, with DICOM's * and ?
+# wildcards. An instance no route takes is refused (0x0110). See docs/routing.md and
+# `dicombridge routes check --explain FILE.dcm`.
+# [[routes]]
+# ae_title = "RESEARCH"
+# sites = ["hosp-b", "hosp-c"]
+# node = "PACS"
+# calling_ae_titles = ["CT*"]
+# match = {{ Modality = ["CT", "PT"], StudyDescription = "*HEAD*" }}
 
 # Local nodes: DICOM nodes here that the gateway sends to (the PACS receiving inbound
 # studies is the node named "PACS").
@@ -551,6 +635,17 @@ timeout_s = 30
 retrieve_timeout_s = 600
 # C-ECHO to a route's AE title succeeds only if the remote gateway and its PACS answer.
 deep_echo = true
+
+# HTTP endpoints for monitoring: /metrics (Prometheus), /healthz, /readyz (broker
+# connected, local nodes answer C-ECHO, directory valid) and /status (read by
+# `dicombridge status`). Plain HTTP, no PHI; listen beyond 127.0.0.1 (host = "0.0.0.0")
+# only on a trusted network. A restart applies a change.
+# [monitoring]
+# enabled = true
+# host = "127.0.0.1"
+# port = 9110
+# node_check_s = 15
+# ready_nodes = ["PACS"]   # local nodes that must answer C-ECHO (default: PACS if any)
 
 # What other sites may ask of this site's nodes. This site decides: a site not listed
 # (nor "*") is refused with status 0x0124 (not authorised), and so is anything outside

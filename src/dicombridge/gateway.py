@@ -66,7 +66,9 @@ from dicombridge.errors import (
     TransportError,
 )
 from dicombridge.fragments import SealedTransfer
+from dicombridge.health import Monitor
 from dicombridge.identity import LocalSite
+from dicombridge.metrics import GatewayMetrics
 from dicombridge.outbox import Outbox
 from dicombridge.quarantine import Quarantine
 from dicombridge.query_policy import RemoteAccessPolicy
@@ -74,6 +76,7 @@ from dicombridge.receipts import UnsentReceipts
 from dicombridge.requester import Requester
 from dicombridge.responder import Responder
 from dicombridge.retention import run_retention
+from dicombridge.rules import RouteRules, read_attributes
 from dicombridge.scp import ReceivedInstance, ScpSettings, StorageSCP, StoreOutcome
 from dicombridge.scu import StoreSCUPool
 from dicombridge.spool import IncomingTransfer, Receiver, ReceiverIdentity
@@ -86,6 +89,8 @@ INCOMING_RESCAN_S: Final = 5.0
 STATUS_SUCCESS: Final = 0x0000
 STATUS_OUT_OF_RESOURCES: Final = 0xA700
 STATUS_SOP_CLASS_NOT_SUPPORTED: Final = 0x0122
+STATUS_PROCESSING_FAILURE: Final = 0x0110
+STATUS_CANNOT_UNDERSTAND: Final = 0xC000
 
 
 class Gateway:
@@ -105,6 +110,7 @@ class Gateway:
             on_duplicate=self._on_resent,
         )
         self._clients: dict[str, StoreSCUPool] = {}
+        self._rules = RouteRules(config.routes)
         self._scp: StorageSCP | None = None
         self._background: set[asyncio.Task[None]] = set()
         # Edits of the routing table applied, and refused (the old table stayed).
@@ -147,6 +153,14 @@ class Gateway:
             publish=self._publish_control,
             dimse_timeout_s=config.gateway.dimse_timeout_s,
         )
+        # /metrics, /healthz, /readyz, /status ([monitoring]); figures read when scraped.
+        self.monitor = Monitor(self)
+        self.metrics = GatewayMetrics(root, figures=self.monitor.figures)
+
+    @property
+    def transport(self) -> Transport | None:
+        """The broker connections, once made (for the monitor)."""
+        return self._transport
 
     def _client(self, node: LocalNode) -> StoreClient:
         if node.name not in self._clients:
@@ -160,9 +174,17 @@ class Gateway:
     # --- sending side ---------------------------------------------------------------
 
     def acceptance_policy(self) -> AcceptancePolicy:
-        """Answer as every route's AE title, and as the gateway's own (Verification only)."""
+        """Answer as every route's AE title, and as the gateway's own (Verification only);
+        a route AE title admits only the calling AE titles one of its routes could take."""
         config = self.site.config
-        return AcceptancePolicy.of([config.gateway.ae_title, *(r.ae_title for r in config.routes)])
+        callers = {
+            title: patterns
+            for title in self._rules.ae_titles
+            if (patterns := self._rules.calling_patterns(title)) is not None
+        }
+        return AcceptancePolicy.of(
+            [config.gateway.ae_title, *self._rules.ae_titles], calling_ae_titles=callers
+        )
 
     def scp_settings(self) -> ScpSettings:
         gateway = self.site.config.gateway
@@ -179,49 +201,109 @@ class Gateway:
         )
 
     async def on_instance(self, instance: ReceivedInstance) -> StoreOutcome:
-        """The SCP received an instance for a route: seal it into the outbox, then answer.
+        """The SCP received an instance for a route: seal it into the outbox, once for
+        each site its route sends to, then answer.
 
-        Success is answered only once the sealed transfer is fsynced in the outbox.
+        Success is answered only once every sealed transfer is fsynced in the outbox; if
+        one cannot be admitted, the others are withdrawn, so that the modality's retry
+        does not send a site the instance twice.
         """
-        config = self.site.config
-        route = config.route(instance.called_ae_title)
-        retrieved = None
-        if route is not None:
-            to_site, extra = route.site, {"node": route.node}
-        else:
-            # The gateway's own AE title: only a local PACS's sub-operations of a retrieve
-            # that another site asked for (C-MOVE to this gateway itself).
-            retrieved = self.responder.retrieved(
-                instance.called_ae_title, instance.move_originator_message_id
+        if instance.called_ae_title in self._rules.ae_titles:
+            return await self._relay(instance)
+        # The gateway's own AE title: only a local PACS's sub-operations of a retrieve
+        # that another site asked for (C-MOVE to this gateway itself).
+        retrieved = self.responder.retrieved(
+            instance.called_ae_title, instance.move_originator_message_id
+        )
+        if retrieved is None:
+            return StoreOutcome(
+                STATUS_SOP_CLASS_NOT_SUPPORTED,
+                f"{instance.called_ae_title} relays nothing; send to a route's AE title",
             )
-            if retrieved is None:
-                return StoreOutcome(
-                    STATUS_SOP_CLASS_NOT_SUPPORTED,
-                    f"{instance.called_ae_title} relays nothing; send to a route's AE title",
+        retrieve = str(retrieved.meta["retrieve"])
+        outcome = await self._admit(instance, [(retrieved.to_site, retrieved.meta)], retrieve)
+        if outcome.status == STATUS_SUCCESS:
+            retrieved.running.transfers += 1
+        return outcome
+
+    async def _relay(self, instance: ReceivedInstance) -> StoreOutcome:
+        """Select the route (reading the data set's attributes if its rules need them)
+        and admit the instance for each of its sites."""
+        keywords = self._rules.keywords(instance.called_ae_title)
+        attributes = None
+        if keywords:
+            try:
+                attributes = await asyncio.to_thread(read_attributes, instance.source, keywords)
+            except Exception as exc:  # pydicom raises many types; any is the data set's fault
+                log.warning(
+                    "data set unreadable for the route's rules",
+                    extra={
+                        "sop_instance_uid": instance.sop_instance_uid,
+                        "error": type(exc).__name__,
+                    },
                 )
-            to_site, extra = retrieved.to_site, retrieved.meta
-        meta = {
-            **extra,
+                return StoreOutcome(
+                    STATUS_CANNOT_UNDERSTAND, "data set unreadable: cannot apply route rules"
+                )
+        selection = self._rules.select(
+            instance.called_ae_title, instance.calling_ae_title, attributes or {}
+        )
+        if selection.route is None:
+            log.warning(
+                "no route selects the instance; C-STORE refused",
+                extra={
+                    "called_ae_title": instance.called_ae_title,
+                    "calling_ae_title": instance.calling_ae_title,
+                    "sop_instance_uid": instance.sop_instance_uid,
+                },
+            )
+            return StoreOutcome(
+                STATUS_PROCESSING_FAILURE,
+                f"no route of {instance.called_ae_title} selects this instance",
+            )
+        node = {"node": selection.route.node}
+        return await self._admit(instance, [(site, node) for site in selection.sites], None)
+
+    async def _admit(
+        self,
+        instance: ReceivedInstance,
+        destinations: list[tuple[str, dict[str, Any]]],
+        retrieve: str | None,
+    ) -> StoreOutcome:
+        """Seal ``instance`` into the outbox for each (site, meta) in ``destinations``."""
+        config = self.site.config
+        common = {
             "sop_class_uid": instance.sop_class_uid,
             "sop_instance_uid": instance.sop_instance_uid,
             "transfer_syntax_uid": instance.transfer_syntax,
             "calling_ae_title": instance.calling_ae_title,
             "called_ae_title": instance.called_ae_title,
         }
-        admission = asyncio.ensure_future(
-            asyncio.to_thread(
-                self.outbox.admit,
-                instance.source,
-                sender=self.site.sender,
-                directory=self.site.directory,
-                site=to_site,
-                fragment_size=config.transfer.fragment_size_bytes,
-                meta=meta,
-                retrieve=None if retrieved is None else str(retrieved.meta["retrieve"]),
-            )
-        )
+
+        def admit_all() -> list[SealedTransfer]:
+            admitted: list[SealedTransfer] = []
+            try:
+                for site, extra in destinations:
+                    admitted.append(
+                        self.outbox.admit(
+                            instance.source,
+                            sender=self.site.sender,
+                            directory=self.site.directory,
+                            site=site,
+                            fragment_size=config.transfer.fragment_size_bytes,
+                            meta={**extra, **common},
+                            retrieve=retrieve,
+                        )
+                    )
+            except BaseException:
+                for sealed in admitted:
+                    self.outbox.remove(sealed.transfer_id_hex)
+                raise
+            return admitted
+
+        admission = asyncio.ensure_future(asyncio.to_thread(admit_all))
         try:
-            sealed = await asyncio.shield(admission)
+            admitted = await asyncio.shield(admission)
         except asyncio.CancelledError:
             # The SCP gave up waiting and answers 0xA700: the modality sends the instance
             # again, so this admission must not stand once it completes.
@@ -238,26 +320,32 @@ class Gateway:
                 STATUS_OUT_OF_RESOURCES,
                 "dicombridge outbox full (broker down or slow); retry later",
             )
-        if sealed.plaintext_sha256 is not None:
-            self.received_sha256[sealed.transfer_id_hex] = sealed.plaintext_sha256.hex()
-        if retrieved is not None:
-            retrieved.running.transfers += 1
-        self._publish_queue.put_nowait(sealed.transfer_id_hex)
-        log.info(
-            "instance admitted to outbox",
-            extra={"transfer_id": sealed.transfer_id_hex, "to_site": to_site},
-        )
+        for (site, _), sealed in zip(destinations, admitted, strict=True):
+            if sealed.plaintext_sha256 is not None:
+                self.received_sha256[sealed.transfer_id_hex] = sealed.plaintext_sha256.hex()
+            self._publish_queue.put_nowait(sealed.transfer_id_hex)
+            self._admitted(sealed, called_ae_title=instance.called_ae_title)
+            log.info(
+                "instance admitted to outbox",
+                extra={"transfer_id": sealed.transfer_id_hex, "to_site": site},
+            )
         return StoreOutcome(STATUS_SUCCESS, None)
 
-    def _withdraw_abandoned(self, admission: asyncio.Future[SealedTransfer]) -> None:
+    def _withdraw_abandoned(self, admission: asyncio.Future[list[SealedTransfer]]) -> None:
         if admission.cancelled() or admission.exception() is not None:
             return
-        transfer_id = admission.result().transfer_id_hex
-        self.outbox.remove(transfer_id)
-        log.warning(
-            "admission withdrawn: the modality was answered 0xA700 meanwhile",
-            extra={"transfer_id": transfer_id},
-        )
+        for sealed in admission.result():
+            self.outbox.remove(sealed.transfer_id_hex)
+            log.warning(
+                "admission withdrawn: the modality was answered 0xA700 meanwhile",
+                extra={"transfer_id": sealed.transfer_id_hex},
+            )
+
+    def _admitted(self, sealed: SealedTransfer, *, called_ae_title: str) -> None:
+        """Count an instance admitted to the outbox for ``sealed.recipient_site`` (metrics,
+        the last transfers of /status, the admission time for the latency histogram).
+        Called once per sealed transfer that stands, after the admission succeeded."""
+        self.metrics.admitted(sealed, route=called_ae_title)
 
     async def _resender(self) -> None:
         """Publish again what has waited too long for its stored receipt."""
@@ -290,7 +378,7 @@ class Gateway:
         delay = 1.0
         while True:
             try:
-                await self._transport.publish_transfer(entry.transfer)
+                published_bytes = await self._transport.publish_transfer(entry.transfer)
                 break
             except FileNotFoundError:
                 # Its stored receipt ended the entry while it was being published again.
@@ -303,11 +391,14 @@ class Gateway:
                 )
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 - jitter
                 delay = min(delay * 2, 30.0)
+        self.metrics.published(entry.transfer, published_bytes)
         await asyncio.to_thread(self.outbox.mark_published, transfer_id)
 
     # --- receiving side -------------------------------------------------------------
 
     async def _on_incoming(self, incoming: IncomingTransfer) -> None:
+        # A verified transfer is contact from its sender as much as a control message is.
+        self.metrics.contact(incoming.sender_site)
         await self._submit(incoming)
 
     async def _submit(self, incoming: IncomingTransfer) -> None:
@@ -323,6 +414,7 @@ class Gateway:
         await asyncio.to_thread(incoming.remove)
 
     def _on_delivered(self, incoming: IncomingTransfer, receipt: Receipt) -> None:
+        self.metrics.delivered(incoming, receipt)
         if "retrieve" in incoming.meta:
             self.requester.on_delivered(incoming, receipt)
 
@@ -451,6 +543,7 @@ class Gateway:
             directory=self.site.directory,
         )
         sender = message.sender_site
+        self.metrics.contact(sender)
         if message.type == QUERY_RESPONSE:
             self.requester.on_response(sender, QueryResponse.from_document(message.document))
         elif message.type == QUERY:
@@ -475,6 +568,8 @@ class Gateway:
                 "known": entry is not None,
             },
         )
+        created_at = None if entry is None else entry.state.get("created_at")
+        self.metrics.receipt(sender, receipt, created_at=created_at, known=entry is not None)
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -507,6 +602,7 @@ class Gateway:
                     group.create_task(self._rescan_incoming())
                     group.create_task(self._retention())
                     group.create_task(self._broker_side(scp_started))
+                    group.create_task(self.monitor.run())
                     if stop is not None:
                         group.create_task(self._stop_when(stop, scp))
                     log.info(
@@ -534,6 +630,7 @@ class Gateway:
         old_nodes = {node.name: node for node in self.site.config.local_nodes}
         nodes = {node.name: node for node in merged.local_nodes}
         self.site = dataclasses.replace(self.site, config=merged)
+        self._rules = RouteRules(merged.routes)
         self.deliverer.replace_nodes(nodes)
         self.requester.replace_table(merged.routes, merged.local_nodes)
         self.responder.replace_table(nodes, RemoteAccessPolicy(merged.remote_access))

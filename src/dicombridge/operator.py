@@ -9,13 +9,18 @@
     OPDIR/broker-users/SITE     each site's broker password (0600), made at provisioning
 
 Sites hand in what ``dicombridge keys export`` printed; the operator adds it, signs
-(the version grows by one at least), and distributes ``directory.json``.
+(the version grows by one at least), and distributes ``directory.json``. ``sites()``
+compares the draft with the last signed directory, site by site, so that the operator
+sees what is not published yet (``dicombridge sites list``).
 """
 
 from __future__ import annotations
 
+import enum
+import hashlib
 import json
 import secrets
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
@@ -32,6 +37,7 @@ from dicombridge.keys import (
     b64decode,
     b64encode,
     load_signing_key,
+    utc_now,
     write_private,
 )
 from dicombridge.topology import SiteAccount
@@ -52,6 +58,31 @@ def operator_public_key(text: str, *, source: Path | str, field: str) -> Signing
         raise ConfigError(
             source, field, str(exc), "paste the output of `dicombridge operator key`"
         ) from exc
+
+
+def key_fingerprint(key: fed.PublicKeyEntry) -> str:
+    """SHA-256 (hex) over the same input as the key id, which is its first 32 digits
+    (``keys.key_id_for``): read it to the site over the phone to check a key handed in."""
+    raw = b64decode(key.public, what="public")
+    return hashlib.sha256(b"dicombridge-key-v1/" + key.kind.encode() + b"/" + raw).hexdigest()
+
+
+class SignedState(enum.StrEnum):
+    """A site of the draft compared with the last signed directory."""
+
+    SIGNED = "signed"  # in directory.json exactly as in the draft
+    CHANGED = "changed"  # in both, but the draft differs: sign to publish
+    NEW = "new"  # only in the draft: sign to publish
+    REMOVED = "removed"  # only in directory.json: removed from the draft, sign to publish
+
+
+@dataclass(frozen=True)
+class SiteView:
+    """A site as the operator sees it: its entry (the draft's, or the signed one if
+    removed from the draft) and whether directory.json has it as in the draft."""
+
+    entry: fed.SiteEntry
+    state: SignedState
 
 
 class OperatorWorkspace:
@@ -126,6 +157,7 @@ class OperatorWorkspace:
                 first["msg"],
                 "ask the site for a fresh `dicombridge keys export` output",
             ) from exc
+        _check_usable(entry, export_path)
         draft = self.draft()
         clash = draft.site_for_broker_user(entry.broker_user)
         if clash is not None and clash.id != entry.id:
@@ -141,13 +173,47 @@ class OperatorWorkspace:
     def remove_site(self, site_id: str) -> None:
         draft = self.draft()
         if draft.site(site_id) is None:
-            raise DirectoryError(
-                self.root / DRAFT,
-                "sites",
-                f"no site {site_id!r}",
-                "check `dicombridge directory show`",
-            )
+            raise self._unknown_site(site_id, draft)
         self.save_draft(draft.without_site(site_id))
+
+    def sites(self) -> list[SiteView]:
+        """Every site of the draft and of the last signed directory, by id, with how the
+        signed directory stands against the draft."""
+        draft = self.draft()
+        signed = self.last_signed()
+        published = {entry.id: entry for entry in signed.sites} if signed else {}
+        views = []
+        for entry in draft.sites:
+            before = published.pop(entry.id, None)
+            if before is None:
+                state = SignedState.NEW
+            else:
+                state = SignedState.SIGNED if before == entry else SignedState.CHANGED
+            views.append(SiteView(entry, state))
+        views += [SiteView(entry, SignedState.REMOVED) for entry in published.values()]
+        return sorted(views, key=lambda view: view.entry.id)
+
+    def site_view(self, site_id: str) -> SiteView:
+        """One site of ``sites()``; an unknown id names the known ones."""
+        for view in self.sites():
+            if view.entry.id == site_id:
+                return view
+        raise self._unknown_site(site_id, self.draft())
+
+    def is_behind(self) -> bool:
+        """Whether directory.json lacks a change made in the draft (or does not exist)."""
+        if self.last_signed() is None:
+            return True
+        return any(view.state is not SignedState.SIGNED for view in self.sites())
+
+    def _unknown_site(self, site_id: str, draft: fed.DirectoryBody) -> DirectoryError:
+        known = ", ".join(entry.id for entry in draft.sites) or "none yet"
+        return DirectoryError(
+            self.root / DRAFT,
+            "sites",
+            f"no site {site_id!r} in the draft (known: {known})",
+            f"check the id with `dicombridge sites list --dir {self.root}`",
+        )
 
     def sign(self) -> fed.Directory:
         """Sign the draft with a version above every one signed before; write directory.json."""
@@ -186,3 +252,19 @@ class OperatorWorkspace:
             path.parent.mkdir(mode=0o700, exist_ok=True)
             write_durably(path, (secrets.token_urlsafe(24) + "\n").encode(), mode=0o600)
         return SecretStr(path.read_text().strip())
+
+
+def _check_usable(entry: fed.SiteEntry, export_path: Path) -> None:
+    """A site needs a KEM key and a signing key that are not revoked or expired: other
+    sites could neither seal to it nor check what it signs."""
+    now = utc_now()
+    for field, keys in (("kem_keys", entry.kem_keys), ("signing_keys", entry.signing_keys)):
+        if not any(
+            not key.revoked and (key.not_after is None or key.not_after > now) for key in keys
+        ):
+            raise DirectoryError(
+                export_path,
+                field,
+                "every key is revoked or expired",
+                "ask the site for a fresh `dicombridge keys export` after adding a key",
+            )

@@ -508,8 +508,9 @@ class QuerySCU:
 
     # --- public ---------------------------------------------------------------------
 
-    def echo(self) -> QueryOutcome:
-        """C-ECHO (PS3.7 9.1.5): whether the node answers at all."""
+    def echo(self, *, log_level: int = logging.INFO) -> QueryOutcome:
+        """C-ECHO (PS3.7 9.1.5): whether the node answers at all. A periodic check logs
+        its answers at ``logging.DEBUG`` (it logs changes itself)."""
         assoc = self._associate(VERIFICATION, "C-ECHO")
         if isinstance(assoc, QueryOutcome):
             return assoc
@@ -524,7 +525,11 @@ class QuerySCU:
         if status is None:
             return self._no_response(assoc, "C-ECHO")
         assert response is not None
-        log.info("C-ECHO to local node", extra={**self._log_extra(), "status": f"{status:#06x}"})
+        log.log(
+            log_level,
+            "C-ECHO to local node",
+            extra={**self._log_extra(), "status": f"{status:#06x}"},
+        )
         return QueryOutcome(status=status, error_comment=_comment_of(response), from_peer=True)
 
     def find(

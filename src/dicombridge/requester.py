@@ -36,6 +36,7 @@ from dicombridge.control import (
 )
 from dicombridge.envelope import new_id
 from dicombridge.errors import BridgeError
+from dicombridge.rules import RouteRules
 from dicombridge.spool import IncomingTransfer
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ class Requester:
         self._finish = finish
         # C-GET instances handed to a session and not yet finished (rescans see them).
         self._handed: set[bytes] = set()
-        self._routes = {route.ae_title: route for route in routes}
+        self._rules = RouteRules(routes)
         self._nodes_by_ae = {node.ae_title: node for node in local_nodes or []}
         self.retrieve_timeout_s = retrieve_timeout_s
         self._publish = publish
@@ -190,33 +191,45 @@ class Requester:
     def replace_table(self, routes: list[RouteEntry], local_nodes: list[LocalNode]) -> None:
         """Use these routes and nodes from the next request on (sessions under way keep
         the site they started with)."""
-        self._routes = {route.ae_title: route for route in routes}
+        self._rules = RouteRules(routes)
         self._nodes_by_ae = {node.ae_title: node for node in local_nodes}
 
-    def route(self, called_ae_title: str) -> RouteEntry | None:
-        return self._routes.get(called_ae_title.strip())
+    def route(self, called_ae_title: str, calling_ae_title: str) -> RouteEntry | None:
+        """The route a query through ``called_ae_title`` takes: the first whose calling AE
+        titles admit the caller (a query has no data set for ``match``)."""
+        return self._rules.select(called_ae_title, calling_ae_title).route
 
     def local_node(self, ae_title: str) -> LocalNode | None:
         """The local node a C-MOVE names as its Move Destination (by AE title)."""
         return self._nodes_by_ae.get(ae_title.strip())
 
-    async def start(self, request: ScpRequest) -> QuerySession:
-        """Send ``request`` to the site behind its called AE title; return its session.
+    async def start(self, request: ScpRequest, *, site: str | None = None) -> QuerySession:
+        """Send ``request`` to the site behind its called AE title (or to ``site``, one of
+        that route's sites); return its session.
 
         A session that could not be sent is returned already failed, with an Error
-        Comment that says why.
+        Comment that says why. A route that fans out to several sites answers no query:
+        which site's matches would the requester get?
         """
         query_id = new_id().hex()
-        route = self.route(request.called_ae_title)
+        route = self.route(request.called_ae_title, request.calling_ae_title)
+        if route is not None and site is None and len(route.destinations) == 1:
+            site = route.destinations[0]
         retrieve = request.operation in ("move", "get")
         session = QuerySession(
             query_id,
-            route.site if route else None,
+            site,
             self.retrieve_timeout_s if retrieve else self.timeout_s,
             retrieve=retrieve,
         )
         if route is None:
             session.fail(STATUS_UNABLE_TO_PROCESS, "no remote site behind this AE title")
+            return session
+        if site is None or site not in route.destinations:
+            session.fail(
+                STATUS_UNABLE_TO_PROCESS,
+                f"fans out to {len(route.destinations)} sites; use a single-site AE title",
+            )
             return session
         query = Query(
             query_id=query_id,
@@ -233,18 +246,18 @@ class Requester:
         )
         self._sessions[query_id] = session
         try:
-            await self._publish(route.site, query.to_document())
+            await self._publish(site, query.to_document())
         except BridgeError as exc:
             self._sessions.pop(query_id, None)
             log.warning(
                 "query not sent",
-                extra={"query_id": query_id, "to_site": route.site, "error": type(exc).__name__},
+                extra={"query_id": query_id, "to_site": site, "error": type(exc).__name__},
             )
-            session.fail(STATUS_OUT_OF_RESOURCES, f"broker unreachable; {route.site} not asked")
+            session.fail(STATUS_OUT_OF_RESOURCES, f"broker unreachable; {site} not asked")
             return session
         log.info(
             "query sent",
-            extra={"query_id": query_id, "to_site": route.site, "operation": request.operation},
+            extra={"query_id": query_id, "to_site": site, "operation": request.operation},
         )
         return session
 
@@ -263,30 +276,40 @@ class Requester:
 
     async def deep_echo(self, called_ae_title: str, calling_ae_title: str) -> int | Dataset | None:
         """C-ECHO to a route's AE title: 0x0000 only if the remote gateway and its node
-        answered; 0x0110 with an Error Comment otherwise. None: answer locally (deep echo
-        off, or the gateway's own AE title)."""
-        route = self.route(called_ae_title)
+        answered (every site of a route that fans out); 0x0110 with an Error Comment
+        otherwise. None: answer locally (deep echo off, or the gateway's own AE title)."""
+        route = self.route(called_ae_title, calling_ae_title)
         if route is None or not self.deep_echo_enabled:
             return None
+        for site in route.destinations:
+            failure = await self._deep_echo_site(site, called_ae_title, calling_ae_title)
+            if failure is not None:
+                return failure
+        return 0x0000
+
+    async def _deep_echo_site(
+        self, site: str, called_ae_title: str, calling_ae_title: str
+    ) -> Dataset | None:
         sent_at = time.time()
-        session = await self.start(ScpRequest("echo", called_ae_title, calling_ae_title))
+        request = ScpRequest("echo", called_ae_title, calling_ae_title)
+        session = await self.start(request, site=site)
         response = await asyncio.to_thread(session.next_response, self.timeout_s)
         received_at = time.time()
         if response is None:
             await self.cancel(session, reason="timed out")
-            return _echo_failure(f"{route.site} did not answer within {self.timeout_s:.0f} s")
+            return _echo_failure(f"{site} did not answer within {self.timeout_s:.0f} s")
         if response.clock is not None:
             result = EchoResult(
-                site=route.site,
+                site=site,
                 status=response.status,
                 round_trip_s=received_at - sent_at,
                 skew_s=response.clock - (sent_at + received_at) / 2,
             )
-            self.last_echo[route.site] = result
+            self.last_echo[site] = result
             log.info(
                 "deep echo",
                 extra={
-                    "to_site": route.site,
+                    "to_site": site,
                     "status": f"{response.status:#06x}",
                     "round_trip_s": round(result.round_trip_s, 3),
                     "clock_skew_s": round(result.skew_s, 3),
@@ -294,8 +317,8 @@ class Requester:
             )
         if response.status != 0x0000:
             comment = response.error_comment or f"status {response.status:#06x}"
-            return _echo_failure(f"{route.site}: {comment}")
-        return 0x0000
+            return _echo_failure(f"{site}: {comment}")
+        return None
 
     def on_response(self, from_site: str, response: QueryResponse) -> None:
         """A response arrived on the control queue (on the loop)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -33,15 +33,95 @@ HOT_SECTIONS: Final = ("routes", "local_nodes", "remote_access")
 _COMMAND = {"routes": "routes", "local_nodes": "nodes"}
 
 
-def add_route(path: Path, *, ae_title: str, site: str, node: str = "PACS") -> SiteConfig:
-    """Add a route: ``ae_title`` on this gateway reaches ``node`` at ``site``."""
-    entry = _entry(path, "routes", RouteEntry, ae_title=ae_title, site=site, node=node)
-    return _add(path, "routes", "ae_title", entry.model_dump())
+def add_route(
+    path: Path,
+    *,
+    ae_title: str,
+    sites: Sequence[str],
+    node: str = "PACS",
+    calling_ae_titles: Sequence[str] = (),
+    match: Mapping[str, Sequence[str]] | None = None,
+    before: int | None = None,
+) -> SiteConfig:
+    """Add a route: ``ae_title`` on this gateway reaches ``node`` at each of ``sites``,
+    for the callers and data sets its conditions select.
+
+    Routes with the same called AE title are rules taken in file order: the new route
+    goes last, or before the route at 1-based position ``before``. An edit that leaves
+    a route never reached (an earlier one holds whenever it would) is refused."""
+    one = len(sites) == 1
+    fields: dict[str, Any] = {
+        "ae_title": ae_title,
+        "site": sites[0] if one else None,
+        "sites": [] if one else list(sites),
+        "node": node,
+        "calling_ae_titles": list(calling_ae_titles),
+        "match": {k: v[0] if len(v) == 1 else list(v) for k, v in (match or {}).items()},
+    }
+    entry: RouteEntry = _entry(path, "routes", RouteEntry, **fields)
+    # In the order an operator reads a route: where, then when.
+    values: dict[str, Any] = {"ae_title": entry.ae_title}
+    if entry.site is not None:
+        values["site"] = entry.site
+    else:
+        values["sites"] = entry.sites
+    values["node"] = entry.node
+    if entry.calling_ae_titles:
+        values["calling_ae_titles"] = entry.calling_ae_titles
+    if entry.match:
+        inline = tomlkit.inline_table()
+        inline.update(entry.match)
+        values["match"] = inline
+
+    def change(document: TOMLDocument) -> None:
+        count = len(_tables(document, "routes"))
+        if before is not None and not 1 <= before <= count:
+            raise ConfigError(
+                path,
+                "routes",
+                f"there is no route at position {before} (1 to {count})",
+                "see the positions with `dicombridge routes list`",
+            )
+        _append(path, document, "routes", values, at=None if before is None else before - 1)
+
+    return _edit(path, change)
 
 
-def remove_route(path: Path, ae_title: str) -> SiteConfig:
-    """Remove the route whose called AE title is ``ae_title``."""
-    return _edit(path, lambda document: _remove(path, document, "routes", "ae_title", ae_title))
+def remove_route(path: Path, ae_title: str, *, position: int | None = None) -> SiteConfig:
+    """Remove the route whose called AE title is ``ae_title`` (the one at 1-based
+    ``position`` when several routes share that AE title)."""
+
+    def change(document: TOMLDocument) -> None:
+        tables = _tables(document, "routes")
+        title = ae_title.strip()
+        found = [i for i, table in enumerate(tables) if str(table.get("ae_title", "")) == title]
+        if position is not None:
+            found = [i for i in found if i == position - 1]
+        if len(found) > 1:
+            where = ", ".join(str(i + 1) for i in found)
+            raise ConfigError(
+                path,
+                "routes.ae_title",
+                f"{len(found)} routes have ae_title {title!r} (positions {where})",
+                "say which with --position (see `dicombridge routes list`)",
+            )
+        if not found and position is not None:
+            raise ConfigError(
+                path,
+                "routes.ae_title",
+                f"the route at position {position} is not one of ae_title {title!r}",
+                "check the positions with `dicombridge routes list`",
+            )
+        if not found:
+            _remove(path, document, "routes", "ae_title", title)  # raises, naming those present
+            return
+        aot = document["routes"]
+        assert isinstance(aot, AoT)
+        del aot[found[0]]
+        if not len(aot):
+            del document["routes"]
+
+    return _edit(path, change)
 
 
 def add_node(
@@ -145,13 +225,19 @@ def _tables(document: TOMLDocument, key: str) -> list[Table]:
     return list(found) if isinstance(found, AoT) else []
 
 
-def _append(path: Path, document: TOMLDocument, key: str, values: dict[str, Any]) -> None:
+def _append(
+    path: Path, document: TOMLDocument, key: str, values: dict[str, Any], *, at: int | None = None
+) -> None:
     table = tomlkit.table()
     for name, value in values.items():
         table[name] = value
     found = document.get(key)
     if isinstance(found, AoT):
-        found.append(table)
+        if at is None:
+            found.append(table)
+        else:
+            table.add(tomlkit.nl())
+            found.insert(at, table)
         return
     if found is not None:
         raise ConfigError(

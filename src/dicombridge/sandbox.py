@@ -134,12 +134,13 @@ def _configure_site(
     *,
     gateway_ae_title: str,
     gateway_port: int,
+    monitoring_port: int,
     pacs: OrthancServer,
     other_sites: list[str],
     other_broker_ports: list[int],
 ) -> None:
-    """Give a freshly initialised site its gateway port, routes, local PACS node, the
-    other sites' access to it and, in a cluster, the other nodes' URLs."""
+    """Give a freshly initialised site its gateway and monitoring ports, routes, local
+    PACS node, the other sites' access to it and, in a cluster, the other nodes' URLs."""
     text = config_path.read_text(encoding="utf-8")
     if other_broker_ports:
         url = site_config.load(config_path).broker.url
@@ -160,6 +161,8 @@ def _configure_site(
     )
     # Every other sandbox site may query and retrieve from this one (default rules).
     blocks += [f'\n[[remote_access]]\nsite = "{other}"\n' for other in other_sites]
+    # Several gateways on one host: each its own /metrics, /readyz and /status port.
+    blocks.append(f"\n[monitoring]\nport = {monitoring_port}\n")
     config_path.write_text(text + "".join(blocks), encoding="utf-8")
     site_config.load(config_path)  # fail here, not in the gateway, if the edit is wrong
 
@@ -273,10 +276,13 @@ def sandbox_up(
                 "routes": {other: route_ae_title(other) for other in ids if other != site_id},
             }
             started["sites"].append(entry)
+            monitoring_port = free_port()
+            entry["monitoring"] = {"url": f"http://127.0.0.1:{monitoring_port}"}
             _configure_site(
                 federation.site_configs[site_id],
                 gateway_ae_title=gateway_ae,
                 gateway_port=gateway_port,
+                monitoring_port=monitoring_port,
                 pacs=pacs,
                 other_sites=[o for o in ids if o != site_id],
                 other_broker_ports=cluster.amqp_ports[1:] if cluster else [],

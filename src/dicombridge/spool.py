@@ -437,6 +437,8 @@ class Receiver:
         self._gathering: dict[tuple[str, bytes], _Gathering] = {}
         # Transfers assembled from memory, their messages never spooled (a figure).
         self.assembled_in_memory = 0
+        # Fragment messages handled, redeliveries included (a figure for the metrics).
+        self.fragments_received = 0
 
     def _done_marker(self, sender_site: str, transfer_id: bytes) -> Path:
         return self.done / sender_site / transfer_id.hex()
@@ -495,6 +497,8 @@ class Receiver:
         sender = delivery.sender_site
         if header.kind not in (Kind.MANIFEST, Kind.FRAGMENT):
             raise EnvelopeError(f"{header.kind.name} message on the bulk plane")
+        if header.kind == Kind.FRAGMENT:
+            self.fragments_received += 1
         key = (sender, header.message_id)
         lock, users = self._locks.get(key, (asyncio.Lock(), 0))
         self._locks[key] = (lock, users + 1)

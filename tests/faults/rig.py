@@ -148,10 +148,12 @@ class LogMark:
         return sum(1 for line in self.lines() if text in line)
 
     def transfer_ids(self, text: str) -> list[str]:
-        """The transfer_id of each line containing ``text``."""
+        """The transfer_id of each line containing ``text`` (a JSON line, as a gateway
+        logs to a file, or a text line: ``transfer_id=...``)."""
         found = []
         for line in self.lines():
-            if text in line and (match := re.search(r"transfer_id=([0-9a-f]+)", line)):
+            match = re.search(r'transfer_id(?:=|": ")([0-9a-f]+)', line)
+            if text in line and match:
                 found.append(match.group(1))
         return found
 

@@ -98,7 +98,7 @@ async def test_route_edits_while_a_study_flows(
     async with running_gateways(sites.config_a, sites.config_b) as (gateway_a, gateway_b):
         sending = asyncio.create_task(storescu(sites.port_a, "OLD_B", flowing))
         await asyncio.to_thread(
-            routing_table.add_route, config_a, ae_title="NEW_B", site=sites.site_b
+            routing_table.add_route, config_a, ae_title="NEW_B", sites=[sites.site_b]
         )
 
         async def reloaded(count: int) -> bool:

@@ -61,14 +61,9 @@ outbox_app = typer.Typer(
 app.add_typer(quarantine_app, name="quarantine")
 app.add_typer(outbox_app, name="outbox")
 app.add_typer(sandbox_app, name="sandbox")
-routes_app = typer.Typer(
-    help="Routes: a called AE title here that reaches a node at another site.",
-    no_args_is_help=True,
-)
 nodes_app = typer.Typer(
     help="This hospital's DICOM nodes the gateway sends to and queries.", no_args_is_help=True
 )
-app.add_typer(routes_app, name="routes")
 app.add_typer(nodes_app, name="nodes")
 
 ConfigOption = Annotated[
@@ -232,42 +227,23 @@ def broker_provision(
 
 
 @gateway_app.command("run")
-def gateway_run(config: ConfigOption = Path("gateway.toml")) -> None:
+def gateway_run(
+    config: ConfigOption = Path("gateway.toml"),
+    log_format: Annotated[
+        str | None,
+        typer.Option(
+            help="Logs on stderr: auto, json or text (default: $DICOMBRIDGE_LOG_FORMAT, else "
+            "auto: text on a terminal, JSON lines otherwise).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
     """Serve DICOM for every route and relay through the broker until SIGTERM."""
+    from dicombridge import logs  # noqa: PLC0415
     from dicombridge.gateway import run_gateway  # noqa: PLC0415 - pynetdicom only when serving
 
-    _configure_gateway_logging()
+    logs.configure(log_format)
     run_gateway(config)
-
-
-_RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
-    "message",
-    "asctime",
-    "taskName",
-}
-
-
-class _FieldsFormatter(logging.Formatter):
-    """One line per record: time, level, logger, message, then the ``extra`` fields.
-
-    Log calls pass UIDs, sizes and statuses as ``extra`` fields, never PHI.
-    """
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        fields = {k: v for k, v in vars(record).items() if k not in _RECORD_FIELDS}
-        if fields:
-            line += " " + " ".join(f"{k}={v}" for k, v in fields.items())
-        return line
-
-
-def _configure_gateway_logging() -> None:
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    for handler in root.handlers:
-        handler.setFormatter(_FieldsFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    # pynetdicom logs every PDU at INFO; keep its warnings and errors only.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
 WorkdirOption = Annotated[Path, typer.Option(help="Where the sandbox keeps everything.")]
@@ -539,58 +515,11 @@ def _rows_out(rows: list[dict[str, object]], columns: list[str], as_json: bool) 
         _table(rows, columns)
 
 
-def _route_rows(cfg: site_config.SiteConfig) -> list[dict[str, object]]:
-    return [{"ae_title": r.ae_title, "site": r.site, "node": r.node} for r in cfg.routes]
-
-
 def _node_rows(cfg: site_config.SiteConfig) -> list[dict[str, object]]:
     return [
         {"name": n.name, "ae_title": n.ae_title, "host": n.host, "port": n.port, "c_get": n.c_get}
         for n in cfg.local_nodes
     ]
-
-
-@routes_app.command("list")
-def routes_list(config: ConfigOption = Path("gateway.toml"), as_json: JsonOption = False) -> None:
-    """Every route: the called AE title, the site and the node there it reaches."""
-    _rows_out(_route_rows(site_config.load(config)), ["ae_title", "site", "node"], as_json)
-
-
-@routes_app.command("add")
-def routes_add(
-    ae_title: Annotated[str, typer.Argument(help="The called AE title local devices use.")],
-    site: Annotated[str, typer.Option(help="The remote site's id in the directory.")],
-    node: Annotated[str, typer.Option(help="The node's name at that site.")] = "PACS",
-    config: ConfigOption = Path("gateway.toml"),
-) -> None:
-    """Add a route (validated with the whole file before it is written)."""
-    cfg = routing_table.add_route(config, ae_title=ae_title, site=site, node=node)
-    _out(f"route {ae_title.strip()} -> {site} / {node} added to {config}")
-    _warn_if_not_in_directory(cfg, site)
-
-
-@routes_app.command("remove")
-def routes_remove(
-    ae_title: Annotated[str, typer.Argument(help="The route's called AE title.")],
-    config: ConfigOption = Path("gateway.toml"),
-) -> None:
-    """Remove a route."""
-    routing_table.remove_route(config, ae_title)
-    _out(f"route {ae_title.strip()} removed from {config}")
-
-
-def _warn_if_not_in_directory(cfg: site_config.SiteConfig, site: str) -> None:
-    """A route to a site the signed directory does not list cannot carry anything yet."""
-    try:
-        directory = identity.load_directory(cfg, record=False)
-    except BridgeError as exc:
-        _out(f"note: the federation directory could not be checked ({exc})")
-        return
-    if directory.site(site) is None:
-        _out(
-            f"warning: site {site!r} is not in the signed federation directory; instances "
-            "sent to this route are refused until the operator adds it"
-        )
 
 
 @nodes_app.command("list")
@@ -651,6 +580,13 @@ def nodes_echo(
         return
     _out(f"{where}: C-ECHO failed, status {outcome.status:#06x}: {outcome.error_comment or '-'}")
     raise typer.Exit(1)
+
+
+# Commands kept in their own modules register themselves on ``app`` when imported; they
+# use the options and helpers above, so they are imported last.
+from dicombridge.cli import routes, send, sites, status  # noqa: E402
+
+__all__ = ["app", "main", "routes", "send", "sites", "status"]
 
 
 def main() -> None:
