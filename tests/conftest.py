@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from dicombridge.errors import SandboxError
+from dicombridge.orthanc import OrthancServer, OrthancSettings
 from dicombridge.rabbitmq import BrokerNode
 
 logger = logging.getLogger(__name__)
@@ -31,3 +33,10 @@ def rabbitmq_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerNo
         yield node
     finally:
         node.stop()
+
+
+@pytest.fixture
+def orthanc_b(tmp_path: Path) -> Iterator[OrthancServer]:
+    """Site B's PACS: an Orthanc of its own (AE title PACS_B), stopped after the test."""
+    with OrthancServer.start(tmp_path / "orthanc-b", OrthancSettings(ae_title="PACS_B")) as server:
+        yield server

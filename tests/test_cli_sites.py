@@ -7,8 +7,6 @@ import base64
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,18 +16,7 @@ import pytest
 
 from dicombridge import config as site_config
 from dicombridge import identity
-
-CLI = [sys.executable, "-c", "from dicombridge.cli import main; main()"]
-
-
-def run(*args: str | Path, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run the CLI; by default fail the test unless it exits 0."""
-    result = subprocess.run(
-        [*CLI, *map(str, args)], capture_output=True, text=True, check=False, timeout=60
-    )
-    if ok:
-        assert result.returncode == 0, result.stderr
-    return result
+from tests.test_cli import run
 
 
 @dataclass(frozen=True)

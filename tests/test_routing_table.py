@@ -165,11 +165,8 @@ def test_a_file_already_broken_is_not_edited(site: Path) -> None:
 
 @pytest.fixture
 def orthanc(tmp_path: Path) -> Iterator[OrthancServer]:
-    server = OrthancServer.start(tmp_path / "orthanc", OrthancSettings(ae_title="ORTHANC"))
-    try:
+    with OrthancServer.start(tmp_path / "orthanc", OrthancSettings(ae_title="ORTHANC")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_nodes_echo_answers_for_a_real_pacs_and_fails_for_a_dead_one(

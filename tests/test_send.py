@@ -26,7 +26,7 @@ from dicombridge import identity, sender
 from dicombridge.acceptance import AcceptancePolicy
 from dicombridge.config import LocalNode
 from dicombridge.errors import ConfigError
-from dicombridge.orthanc import OrthancServer, OrthancSettings, free_port
+from dicombridge.orthanc import OrthancServer, free_port
 from dicombridge.rabbitmq import BrokerNode
 from dicombridge.scp import ReceivedInstance, ScpSettings, StorageSCP, StoreOutcome
 from tests.dicomkit import read_source
@@ -450,14 +450,6 @@ async def test_calling_ae_outside_the_route_is_rejected_naming_the_option(
 # --- through a real relay ------------------------------------------------------------------
 
 
-@pytest.fixture
-def orthanc_b(tmp_path: Path) -> Iterator[OrthancServer]:
-    """Site B's PACS."""
-    server = OrthancServer.start(tmp_path / "orthanc-b", OrthancSettings(ae_title="PACS"))
-    yield server
-    server.stop()
-
-
 @pytest.mark.integration
 async def test_send_through_a_gateway_reaches_orthanc_at_the_other_site(
     tmp_path: Path, rabbitmq_node: BrokerNode, orthanc_b: OrthancServer
@@ -471,7 +463,12 @@ async def test_send_through_a_gateway_reaches_orthanc_at_the_other_site(
         vhost=vhost,
         routes=[Route(ROUTE, "PACS")],
         nodes_b=[
-            LocalNode(name="PACS", ae_title="PACS", host="127.0.0.1", port=orthanc_b.dicom_port)
+            LocalNode(
+                name="PACS",
+                ae_title=orthanc_b.ae_title,
+                host="127.0.0.1",
+                port=orthanc_b.dicom_port,
+            )
         ],
     )
     series = ct_series(tmp_path / "series", 5, rows=64, columns=64)

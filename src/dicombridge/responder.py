@@ -120,6 +120,11 @@ class Responder:
         self._policy = policy
 
     @property
+    def policy(self) -> RemoteAccessPolicy:
+        """The ``[[remote_access]]`` policy in force (replaced by a table reload)."""
+        return self._policy
+
+    @property
     def running(self) -> int:
         return len(self._running)
 

@@ -50,16 +50,12 @@ def _gateway_section(path: Path, *, ae_title: str, port: int, extra: str) -> Non
 
 
 @pytest.fixture
-def orthancs(tmp_path: Path) -> Iterator[tuple[OrthancServer, OrthancServer]]:
-    b = OrthancServer.start(tmp_path / "orthanc-b", OrthancSettings(ae_title="PACS_B"))
-    try:
-        c = OrthancServer.start(tmp_path / "orthanc-c", OrthancSettings(ae_title="PACS_C"))
-        try:
-            yield b, c
-        finally:
-            c.stop()
-    finally:
-        b.stop()
+def orthancs(
+    tmp_path: Path, orthanc_b: OrthancServer
+) -> Iterator[tuple[OrthancServer, OrthancServer]]:
+    """The PACS of sites B and C."""
+    with OrthancServer.start(tmp_path / "orthanc-c", OrthancSettings(ae_title="PACS_C")) as c:
+        yield orthanc_b, c
 
 
 @pytest.fixture

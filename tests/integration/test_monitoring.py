@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dicombridge import config as site_config
 from dicombridge.gateway import Gateway
 from dicombridge.management import ManagementClient
-from dicombridge.orthanc import OrthancServer, OrthancSettings
+from dicombridge.orthanc import OrthancServer
 from dicombridge.rabbitmq import BrokerNode
 from tests.brokerkit import wait_until
 from tests.faults.proxy import TcpProxy
@@ -37,15 +37,6 @@ pytestmark = pytest.mark.integration
 
 ROUTE = "SITE_B"
 INSTANCES = 6
-
-
-@pytest.fixture
-def orthanc_b(tmp_path: Path) -> Iterator[OrthancServer]:
-    server = OrthancServer.start(tmp_path / "orthanc-b", OrthancSettings(ae_title="PACS_B"))
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def monitor_on_free_port(config: Path) -> None:

@@ -16,7 +16,7 @@ from dicombridge import routing_table
 from dicombridge.config import LocalNode
 from dicombridge.gateway import Gateway
 from dicombridge.management import ManagementClient
-from dicombridge.orthanc import OrthancServer, OrthancSettings
+from dicombridge.orthanc import OrthancServer
 from dicombridge.rabbitmq import BrokerNode
 from tests.brokerkit import wait_until
 from tests.pacskit import DCMTK_BIN, dcmtk_env, sop_instance_uid
@@ -30,15 +30,6 @@ from tests.relaykit import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def orthanc_b(tmp_path: Path) -> Iterator[OrthancServer]:
-    server = OrthancServer.start(tmp_path / "orthanc-b", OrthancSettings(ae_title="PACS_B"))
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -16,6 +16,10 @@ from typing import Annotated
 
 import typer
 from pydantic import SecretStr
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
 from dicombridge import config as site_config
 from dicombridge import identity, retention, routing_table
@@ -290,18 +294,26 @@ def _quarantine(config: Path) -> Quarantine:
     return Quarantine(site_config.load(config).storage.root)
 
 
+def stdout_console() -> Console:
+    """Rich's console on stdout; piped, 200 columns wide whatever COLUMNS says (rich's
+    80 would fold tables; --json is there for machines)."""
+    if sys.stdout.isatty():
+        return Console()
+    return Console(width=200)
+
+
 def _table(rows: list[dict[str, object]], columns: list[str]) -> None:
     if not rows:
         _out("(none)")
         return
-    widths = {
-        c: max(len(c), *(len(str(r.get(c) if r.get(c) is not None else "-")) for r in rows))
-        for c in columns
-    }
-    _out("  ".join(c.upper().ljust(widths[c]) for c in columns))
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    for column in columns:
+        table.add_column(column.upper())
     for row in rows:
-        cells = (str(row.get(c) if row.get(c) is not None else "-") for c in columns)
-        _out("  ".join(cell.ljust(widths[c]) for c, cell in zip(columns, cells, strict=True)))
+        table.add_row(
+            *(escape(str(row.get(c) if row.get(c) is not None else "-")) for c in columns)
+        )
+    stdout_console().print(table)
 
 
 @quarantine_app.command("list")

@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from dicombridge import directory as fed
-from dicombridge.cli import JsonOption, OperatorDirOption, _out, app
+from dicombridge.cli import JsonOption, OperatorDirOption, _out, app, stdout_console
 from dicombridge.keys import utc_now
 from dicombridge.operator import OperatorWorkspace, SignedState, SiteView, key_fingerprint
 
@@ -77,7 +76,7 @@ def sites_list(directory: OperatorDirOption, as_json: JsonOption = False) -> Non
             _validity_text(row),
             _STATE_TEXT[view.state],
         )
-    _console().print(table if views else "(no site in the draft)")
+    stdout_console().print(table if views else "(no site in the draft)")
     if signed is None:
         _out(f"not signed yet: run `dicombridge directory sign --dir {workspace.root}`")
     elif behind:
@@ -215,11 +214,3 @@ def _valid_now(keys: list[fed.PublicKeyEntry], now: datetime) -> bool:
 def _validity_text(row: dict[str, Any]) -> str:
     text = f"{row['valid_from'][:10]} → {(row['valid_until'] or 'open')[:10]}"
     return text if row["valid_now"] else f"{text} (no valid key now)"
-
-
-def _console() -> Console:
-    """stdout; wide enough off a terminal that a table is not cut at 80 columns."""
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=160)
-    return console

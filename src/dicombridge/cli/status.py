@@ -9,18 +9,24 @@ exits 1.
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
 import httpx
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from dicombridge import config as site_config
-from dicombridge.cli import ConfigOption, JsonOption, _age_text, _out, _size_text, app
+from dicombridge.cli import (
+    ConfigOption,
+    JsonOption,
+    _age_text,
+    _out,
+    _size_text,
+    app,
+    stdout_console,
+)
 from dicombridge.keys import utc_now
 from dicombridge.metrics import measure_storage
 
@@ -89,7 +95,7 @@ def status(config: ConfigOption = Path("gateway.toml"), as_json: JsonOption = Fa
             }
             _out(json.dumps(fallback, indent=2))
         else:
-            _console().print(_storage_table([area.summary() for area in areas]))
+            stdout_console().print(_storage_table([area.summary() for area in areas]))
         raise typer.Exit(1) from None
     if as_json:
         _out(json.dumps(document, indent=2))
@@ -111,16 +117,8 @@ def _text(value: object) -> str:
     return "-" if value is None else str(value)
 
 
-def _console() -> Console:
-    """Rich's console; piped, 160 columns wide (rich's 80 would fold the tables)."""
-    console = Console()
-    if not console.is_terminal and "COLUMNS" not in os.environ:
-        console = Console(width=160)
-    return console
-
-
 def _show(document: dict[str, Any]) -> None:
-    console = _console()
+    console = stdout_console()
     now = utc_now()
     ready = "ready" if document.get("ready") else "NOT READY"
     console.print(f"site {document.get('site')}: {ready} (up since {document.get('started_at')})")
