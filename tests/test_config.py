@@ -14,7 +14,7 @@ from dicombridge.identity import init_site
 @pytest.fixture
 def config(tmp_path: Path) -> Path:
     """A freshly initialised site's gateway.toml with a broker password file."""
-    path = init_site(tmp_path / "s", site_id="hosp-a", broker_url="amqp://hosp-a@n1:5672/fed")
+    path = init_site(tmp_path / "s", site_id="hosp-a", broker_url="amqps://hosp-a@n1:5672/fed")
     (tmp_path / "s" / "secrets" / "broker-password").write_text("pw/with:odd@chars\n")
     return path
 
@@ -25,18 +25,18 @@ def add(config: Path, text: str) -> None:
 
 def test_other_urls_follow_url_with_the_password_filled_in(config: Path) -> None:
     """amqp_urls() lists url then other_urls, each with the percent-encoded password."""
-    add(config, 'other_urls = ["amqp://hosp-a@n2:5672/fed", "amqp://hosp-a@n3/fed"]')
+    add(config, 'other_urls = ["amqps://hosp-a@n2:5672/fed", "amqps://hosp-a@n3/fed"]')
     urls = load(config).amqp_urls()
     assert urls == [
-        "amqp://hosp-a:pw%2Fwith%3Aodd%40chars@n1:5672/fed",
-        "amqp://hosp-a:pw%2Fwith%3Aodd%40chars@n2:5672/fed",
-        "amqp://hosp-a:pw%2Fwith%3Aodd%40chars@n3/fed",
+        "amqps://hosp-a:pw%2Fwith%3Aodd%40chars@n1:5672/fed",
+        "amqps://hosp-a:pw%2Fwith%3Aodd%40chars@n2:5672/fed",
+        "amqps://hosp-a:pw%2Fwith%3Aodd%40chars@n3/fed",
     ]
 
 
 def test_other_url_with_another_user_is_refused(config: Path) -> None:
     """A cluster node URL naming another broker user fails with file, field and fix."""
-    add(config, 'other_urls = ["amqp://hosp-b@n2/fed"]')
+    add(config, 'other_urls = ["amqps://hosp-b@n2/fed"]')
     with pytest.raises(ConfigError, match="same user") as caught:
         load(config)
     assert caught.value.path == str(config)
@@ -45,7 +45,7 @@ def test_other_url_with_another_user_is_refused(config: Path) -> None:
 
 def test_password_in_url_is_refused(config: Path) -> None:
     """A password in the broker URL is refused: it belongs in password_file."""
-    config.write_text(config.read_text().replace("amqp://hosp-a@n1", "amqp://hosp-a:secret@n1"))
+    config.write_text(config.read_text().replace("amqps://hosp-a@n1", "amqps://hosp-a:secret@n1"))
     with pytest.raises(ConfigError, match="password_file") as caught:
         load(config)
     assert caught.value.field == "broker.url"

@@ -587,7 +587,7 @@ def test_monitoring_defaults_and_port_range() -> None:
 def test_template_documents_monitoring_and_a_restart_applies_it(tmp_path: Path) -> None:
     """The file `init` writes documents [monitoring] (commented); uncommented it loads;
     a running gateway does not take an edit of it without a restart."""
-    path = init_site(tmp_path / "a", site_id="hosp-a", broker_url="amqp://hosp-a@h:5672/v")
+    path = init_site(tmp_path / "a", site_id="hosp-a", broker_url="amqps://hosp-a@h:5671/v")
     text = path.read_text()
     assert "# [monitoring]" in text
     assert "# port = 9110" in text

@@ -439,7 +439,7 @@ def test_missing_storage_root_is_empty_and_ok(tmp_path: Path) -> None:
 @pytest.fixture
 def config(tmp_path: Path) -> Path:
     """A freshly initialised site's gateway.toml."""
-    return init_site(tmp_path / "s", site_id="hosp-a", broker_url="amqp://hosp-a@n1/fed")
+    return init_site(tmp_path / "s", site_id="hosp-a", broker_url="amqps://hosp-a@n1/fed")
 
 
 def test_defaults_are_written_by_init_and_keep_the_outbox(config: Path) -> None:

@@ -44,6 +44,7 @@ def test_routes_add_list_remove_keep_the_operators_comments(site: Path) -> None:
             "sites": ["hosp-b"],
             "node": "PACS",
             "calling_ae_titles": [],
+            "source_networks": [],
             "match": {},
         },
         {
@@ -52,6 +53,7 @@ def test_routes_add_list_remove_keep_the_operators_comments(site: Path) -> None:
             "sites": ["hosp-c"],
             "node": "CT_ARCHIVE",
             "calling_ae_titles": [],
+            "source_networks": [],
             "match": {},
         },
     ]
@@ -79,6 +81,16 @@ def test_routes_add_list_remove_keep_the_operators_comments(site: Path) -> None:
         (["HOSP_M", "--site", "hosp-c", "--match", "Modalty=CT"], "routes.match", "keyword"),
         (["HOSP_M", "--site", "hosp-c", "--match", "Modality"], "routes.match", "KEYWORD="),
         (["HOSP_M", "--site", "hosp-c", "--site", "hosp-c"], "routes", "named twice"),
+        (
+            ["HOSP_M", "--site", "hosp-c", "--source-network", "10.1.0.1/16"],
+            "routes.source_networks",
+            "10.1.0.0/16",
+        ),
+        (
+            ["HOSP_M", "--site", "hosp-c", "--source-network", "lan"],
+            "routes.source_networks",
+            "no network",
+        ),
         (["A" * 17, "--site", "hosp-c"], "routes.ae_title", "1 to 16 characters"),
         (["HOSP_X", "--site", "Not A Slug"], "routes.site", ""),
         (["HOSP_SELF", "--site", "hosp-a"], "routes.site: a route leads to this site", "other"),
@@ -229,7 +241,7 @@ def test_rules_and_fan_out_through_the_cli(site: Path) -> None:
     run(
         "routes", "add", "RESEARCH", "--site", "hosp-b", "--site", "hosp-c",
         "--calling", "CT*", "--match", "Modality=CT,PT", "--match", "BodyPartExamined=HEAD",
-        "--before", "1", "--config", site,
+        "--source-network", "10.1.0.0/16", "--before", "1", "--config", site,
     )  # fmt: skip
     text = site.read_text()
     assert 'sites = ["hosp-b", "hosp-c"]' in text
@@ -237,8 +249,9 @@ def test_rules_and_fan_out_through_the_cli(site: Path) -> None:
     cfg = site_config.load(site)
     assert [r.destinations for r in cfg.routes] == [("hosp-b", "hosp-c"), ("hosp-b",)]
     assert cfg.routes[0].calling_ae_titles == ["CT*"]
+    assert 'source_networks = ["10.1.0.0/16"]' in text
     table = run("routes", "list", "--config", site).stdout
-    assert "calling=CT* and Modality=CT|PT and BodyPartExamined=HEAD" in table
+    assert "calling=CT* and from=10.1.0.0/16 and Modality=CT|PT and BodyPartExamined=HEAD" in table
     assert "always" in table
 
     ambiguous = run("routes", "remove", "RESEARCH", "--config", site, ok=False)

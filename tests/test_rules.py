@@ -3,6 +3,7 @@ the calling AE titles an AE title admits at association time."""
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 from dicombridge.acceptance import AcceptancePolicy, RejectReason
 from dicombridge.config import RouteEntry
 from dicombridge.rules import (
+    Admission,
     RouteRules,
     attribute_matches,
     check_keyword,
@@ -105,27 +107,54 @@ def test_queries_ignore_data_set_conditions_and_checks_may_skip_the_caller() -> 
     assert rules.select("HOSP_B", None, {"Modality": "CT"}).position == 1
 
 
-def test_calling_patterns_say_whom_an_ae_title_admits() -> None:
-    """An AE title admits the union of its routes' calling patterns, or anyone as soon
-    as one route has no calling condition; the acceptance policy applies wildcards."""
+def test_admissions_say_whom_an_ae_title_admits() -> None:
+    """An AE title admits a caller one of its routes admits, by AE title pattern and by
+    source network together, or anyone as soon as one route has neither condition; the
+    acceptance policy applies them, IPv4-mapped IPv6 addresses included."""
+    lan = ipaddress.ip_network("10.1.0.0/16")
     rules = RouteRules(
         [
             route("RESTRICTED", "hosp-b", calling_ae_titles=["CT*"]),
-            route("RESTRICTED", "hosp-c", calling_ae_titles=["MR01"]),
+            route("RESTRICTED", "hosp-c", calling_ae_titles=["MR01"], source_networks=[lan]),
             route("OPEN", "hosp-b", calling_ae_titles=["CT*"]),
             route("OPEN", "hosp-b", match={"Modality": "MR"}),
         ]
     )
-    assert rules.calling_patterns("RESTRICTED") == ("CT*", "MR01")
-    assert rules.calling_patterns("OPEN") is None
+    assert rules.admissions("RESTRICTED") == (
+        Admission(("CT*",), None),
+        Admission(("MR01",), (lan,)),
+    )
+    assert rules.admissions("OPEN") is None
     assert rules.keywords("OPEN") == {"Modality"}
     policy = AcceptancePolicy.of(
-        ["RESTRICTED", "OPEN"], calling_ae_titles={"RESTRICTED": ("CT*", "MR01")}
+        ["RESTRICTED", "OPEN"], admissions={"RESTRICTED": rules.admissions("RESTRICTED") or ()}
     )
-    assert policy.decide("RESTRICTED", "CT_ROOM1") is None
-    assert policy.decide("RESTRICTED", "MR01") is None
-    assert policy.decide("RESTRICTED", "MR02") is RejectReason.CALLING_AE_TITLE_NOT_RECOGNIZED
-    assert policy.decide("OPEN", "ANYONE") is None
+    assert policy.decide("RESTRICTED", "CT_ROOM1", "192.0.2.7") is None
+    assert policy.decide("RESTRICTED", "MR01", "10.1.4.2") is None
+    assert policy.decide("RESTRICTED", "MR01", "::ffff:10.1.4.2") is None
+    not_recognised = RejectReason.CALLING_AE_TITLE_NOT_RECOGNIZED
+    assert policy.decide("RESTRICTED", "MR01", "10.2.0.1") is not_recognised
+    assert policy.decide("RESTRICTED", "MR01", None) is not_recognised
+    assert policy.decide("RESTRICTED", "MR02", "10.1.4.2") is not_recognised
+    assert policy.decide("OPEN", "ANYONE", "203.0.113.9") is None
+
+
+def test_a_route_selects_by_source_address_when_it_is_known() -> None:
+    """With the caller's address, a route limited to a network is passed over for a
+    caller outside it, and the explanation names the address; without it (a query),
+    source networks are not looked at."""
+    rules = RouteRules(
+        [
+            route("HOSP_B", "hosp-c", source_networks=[ipaddress.ip_network("10.1.0.0/16")]),
+            route("HOSP_B", "hosp-b"),
+        ]
+    )
+    inside = rules.select("HOSP_B", "CT01", {}, "10.1.2.3")
+    outside = rules.select("HOSP_B", "CT01", {}, "10.9.2.3")
+    assert (inside.sites, outside.sites) == (("hosp-c",), ("hosp-b",))
+    check = outside.steps[0].checks[0]
+    assert (check.what, check.seen, check.held) == ("source address", "10.9.2.3", False)
+    assert rules.select("HOSP_B", "CT01").sites == ("hosp-c",)
 
 
 @pytest.mark.parametrize(
@@ -139,6 +168,9 @@ def test_calling_patterns_say_whom_an_ae_title_admits() -> None:
         ({"calling_ae_titles": ["CT*"]}, {"calling_ae_titles": ["CT*"]}, True),
         ({"calling_ae_titles": ["CT*"]}, {}, False),
         ({"calling_ae_titles": ["CT1"]}, {"calling_ae_titles": ["CT1", "CT2"]}, False),
+        ({"source_networks": ["10.0.0.0/8"]}, {}, False),
+        ({}, {"source_networks": ["10.0.0.0/8"]}, True),
+        ({"source_networks": ["10.0.0.0/8"]}, {"source_networks": ["10.0.0.0/8"]}, True),
     ],
 )
 def test_a_route_an_earlier_one_always_beats_is_never_reached(

@@ -67,6 +67,8 @@ for site in $SITES; do
         rm -rf "$scratch"
         "$DICOMBRIDGE" init --site "$site" --dir "$scratch" \
             --broker-url "amqp://$site@rabbitmq:5672/$VHOST" --operator-key "$OPERATOR_KEY"
+        # Plain AMQP inside the compose network (loading the config refuses it otherwise).
+        sed -i 's/^\[broker\]$/[broker]\nallow_plain_remote = true/' "$scratch/gateway.toml"
         "$DICOMBRIDGE" keys export --config "$scratch/gateway.toml" >"$export_file.tmp"
         mv "$export_file.tmp" "$export_file"
         # The private keys move to the keys volume; the rest of the scratch site goes (the

@@ -43,7 +43,8 @@ import enum
 import logging
 import socket
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final, cast
@@ -58,7 +59,7 @@ from pynetdicom.events import EventHandlerType
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from dicombridge.errors import DependencyVersionError
-from dicombridge.rules import wildcard_match
+from dicombridge.rules import Admission
 
 LOGGER = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ MAXIMUM_CONTROL_PDU_SIZE: Final = 1024 * 1024
 
 _PDU_HEADER: Final = struct.Struct(">BBL")
 _P_DATA_TF: Final = 0x04
+_A_ASSOCIATE_RQ: Final = 0x01
 _PDU_TYPES: Final = frozenset(range(0x01, 0x08))
 
 # A-ASSOCIATE-RJ result and source (PS3.8 Table 9-21).
@@ -133,12 +135,13 @@ def _ae_title(value: str, what: str) -> str:
 class AcceptancePolicy:
     """Which called AE titles this gateway answers as, and whom each one admits.
 
-    ``called_ae_titles`` maps each route AE title to the calling AE titles it accepts
-    (patterns with DICOM's ``*`` and ``?`` wildcards), or to ``None`` to accept any
-    caller. Build it with ``AcceptancePolicy.of``.
+    ``called_ae_titles`` maps each route AE title to the admissions of its routes (a
+    caller is admitted if one of them admits its AE title, with DICOM's ``*`` and ``?``
+    wildcards, and its address), or to ``None`` to accept any caller from anywhere.
+    Build it with ``AcceptancePolicy.of``.
     """
 
-    called_ae_titles: Mapping[str, frozenset[str] | None]
+    called_ae_titles: Mapping[str, tuple[Admission, ...] | None]
 
     @classmethod
     def of(
@@ -146,33 +149,46 @@ class AcceptancePolicy:
         called_ae_titles: Iterable[str],
         *,
         calling_ae_titles: Mapping[str, Iterable[str]] | None = None,
+        admissions: Mapping[str, Iterable[Admission]] | None = None,
     ) -> AcceptancePolicy:
-        """A policy answering as ``called_ae_titles``; ``calling_ae_titles`` restricts some.
+        """A policy answering as ``called_ae_titles``; ``calling_ae_titles`` (an allow-list
+        of calling AE titles) or ``admissions`` (AE titles and source networks, per route)
+        restrict some.
 
         Raises ValueError for a malformed AE title, for an allow-list of a called AE title
         that is not served, and for the reserved ``SERVER_AE_TITLE``.
         """
-        served: dict[str, frozenset[str] | None] = {}
+        served: dict[str, tuple[Admission, ...] | None] = {}
         for title in called_ae_titles:
             called = _ae_title(title, "called AE title")
             if called == SERVER_AE_TITLE:
                 raise ValueError(f"called AE title {SERVER_AE_TITLE!r} is reserved")
             served[called] = None
-        for title, callers in (calling_ae_titles or {}).items():
+        restricted = {
+            title: (Admission(tuple(_ae_title(c, "calling AE title") for c in callers)),)
+            for title, callers in (calling_ae_titles or {}).items()
+        } | {title: tuple(rules) for title, rules in (admissions or {}).items()}
+        for title, rules in restricted.items():
             called = _ae_title(title, "called AE title")
             if called not in served:
                 raise ValueError(f"allow-list for {called!r}, which is not a served AE title")
-            served[called] = frozenset(_ae_title(c, "calling AE title") for c in callers)
+            served[called] = rules
         return cls(MappingProxyType(served))
 
-    def decide(self, called_ae_title: str, calling_ae_title: str) -> RejectReason | None:
-        """Return why an association must be rejected, or None to accept it."""
+    def decide(
+        self, called_ae_title: str, calling_ae_title: str, address: str | None = None
+    ) -> RejectReason | None:
+        """Return why an association must be rejected, or None to accept it.
+
+        A caller outside every admission, by AE title or by address, is rejected
+        "calling AE title not recognized": PS3.8 has no reason for an address.
+        """
         called = called_ae_title.strip(" ")
         if called not in self.called_ae_titles:
             return RejectReason.CALLED_AE_TITLE_NOT_RECOGNIZED
         allowed = self.called_ae_titles[called]
         calling = calling_ae_title.strip(" ")
-        if allowed is not None and not any(wildcard_match(p, calling) for p in allowed):
+        if allowed is not None and not any(rule.admits(calling, address) for rule in allowed):
             return RejectReason.CALLING_AE_TITLE_NOT_RECOGNIZED
         return None
 
@@ -207,6 +223,9 @@ class AssociationGate:
         self._policy = policy
         self._transfer_syntaxes = tuple(UID(ts) for ts in transfer_syntaxes)
         self._maximum_pdu_size = maximum_pdu_size
+        # Told of each rejection (called, calling, address, reason), in the association's
+        # thread: the audit trail. It must not block.
+        self.on_reject: Callable[[str, str, str, RejectReason], None] | None = None
 
     @property
     def policy(self) -> AcceptancePolicy:
@@ -268,15 +287,22 @@ class _RoutedACSE(ACSE):
         request = cast(A_ASSOCIATE, self.requestor.primitive)
         called = str(request.called_ae_title).strip(" ")
         calling = str(request.calling_ae_title).strip(" ")
-        reason = self._gate.policy.decide(called, calling)
+        address = str(self.requestor.address)
+        reason = self._gate.policy.decide(called, calling, address)
         if reason is not None:
             self.requestor.ae_title = request.calling_ae_title
             LOGGER.warning(
-                "association rejected: %s (called %r, calling %r)",
+                "association rejected: %s (called %r, calling %r, from %s)",
                 reason.description,
                 called,
                 calling,
+                address,
             )
+            if self._gate.on_reject is not None:
+                try:
+                    self._gate.on_reject(called, calling, address, reason)
+                except Exception:
+                    LOGGER.exception("the rejection observer failed; rejecting all the same")
             self.send_reject(_REJECTED_PERMANENT, _SERVICE_USER, int(reason))
             evt.trigger(self.assoc, evt.EVT_REJECTED, {})
             self.assoc.kill()
@@ -294,6 +320,18 @@ class _BoundedPduReader:
     nothing more is read from the peer: the state machine sends its A-ABORT, and the next
     read reports the connection closed, instead of parsing the rest of the stream as PDUs
     or waiting for a body that may never come.
+
+    A PDU must also arrive whole within the network timeout of its first byte. The
+    socket's own timeout restarts with every byte received, so a peer dribbling a byte at
+    a time (slowloris) would otherwise hold its association, and a thread, for ever: past
+    the deadline the connection is treated as closed (Evt17), and nothing more is read.
+
+    A connection that ends or is refused before an A-ASSOCIATE-RQ arrived also wakes the
+    association's thread, which otherwise waits the whole ACSE timeout for a request that
+    cannot come, holding one of the ``maximum_associations`` slots: a peer opening bad
+    connections faster than that would have every association refused (local limit
+    exceeded). The wake-up is pynetdicom's own path for an ACSE timeout (``None`` from
+    ``receive_pdu``): the association stops its DUL and closes the connection.
     """
 
     def __init__(self, dul: Any, *, maximum_p_data_size: int, maximum_other_size: int) -> None:
@@ -301,20 +339,23 @@ class _BoundedPduReader:
         self._maximum_p_data_size = maximum_p_data_size
         self._maximum_other_size = maximum_other_size
         self._refused = False
+        self._request_seen = False
+        self._woken = False
 
     def __call__(self) -> None:
         dul = self._dul
-        sock = dul.socket
         if self._refused:
-            dul.event_queue.put("Evt17")
+            self._report("Evt17")
             return
+        timeout_s = dul.network_timeout
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
-            header = bytes(sock.recv(_PDU_HEADER.size))
-        except (OSError, TimeoutError):
-            dul.event_queue.put("Evt17")
+            header = self._recv(_PDU_HEADER.size, deadline)
+        except OSError:  # TimeoutError included
+            self._closed_on_error()
             return
         if len(header) != _PDU_HEADER.size:
-            dul.event_queue.put("Evt17")
+            self._report("Evt17")
             return
         pdu_type, _, pdu_length = _PDU_HEADER.unpack(header)
         if pdu_type not in _PDU_TYPES:
@@ -331,24 +372,73 @@ class _BoundedPduReader:
             )
             return
         try:
-            body = bytes(sock.recv(pdu_length))
-        except (OSError, TimeoutError):
-            dul.event_queue.put("Evt17")
+            body = self._recv(pdu_length, deadline)
+        except TimeoutError:
+            LOGGER.warning(
+                "PDU type 0x%02X of %d bytes not received whole within %s s; dropping the "
+                "connection",
+                pdu_type,
+                pdu_length,
+                timeout_s,
+            )
+            self._closed_on_error()
+            return
+        except OSError:
+            self._closed_on_error()
             return
         if len(body) != pdu_length:
             LOGGER.warning("connection closed within a PDU (%d of %d bytes)", len(body), pdu_length)
-            dul.event_queue.put("Evt17")
+            self._report("Evt17")
             return
         try:
             pdu, event = dul._decode_pdu(bytearray(header + body))
         except Exception:
             LOGGER.warning("undecodable PDU of type 0x%02X received; aborting", pdu_type)
-            dul.event_queue.put("Evt19")
+            self._report("Evt19")
             return
+        if pdu_type == _A_ASSOCIATE_RQ:
+            self._request_seen = True
         dul.event_queue.put(event)
         dul._recv_pdu.put(pdu)
+
+    def _recv(self, count: int, deadline: float | None) -> bytes:
+        """Up to ``count`` bytes, fewer if the peer closed; ``TimeoutError`` once
+        ``deadline`` (``time.monotonic``) passes before they came."""
+        raw = self._dul.socket.socket
+        if raw is None:
+            return b""
+        previous = raw.gettimeout()
+        received = bytearray()
+        try:
+            while len(received) < count:
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError("PDU not received within the network timeout")
+                    raw.settimeout(remaining if previous is None else min(remaining, previous))
+                chunk = raw.recv(min(count - len(received), 65536))
+                if not chunk:
+                    break
+                received += chunk
+        finally:
+            if deadline is not None:
+                raw.settimeout(previous)
+        return bytes(received)
+
+    def _closed_on_error(self) -> None:
+        """The connection failed or timed out, maybe within a PDU: report it closed, and
+        read nothing more from it (the stream may be cut mid-PDU)."""
+        self._refused = True
+        self._report("Evt17")
+
+    def _report(self, event: str) -> None:
+        """Put a DUL event (Evt17, Evt19); before any A-ASSOCIATE-RQ, wake the acceptor."""
+        self._dul.event_queue.put(event)
+        if not self._request_seen and not self._woken:
+            self._woken = True
+            self._dul.to_user_queue.put(None)
 
     def _refuse(self, message: str, *args: object) -> None:
         LOGGER.warning(message, *args)
         self._refused = True
-        self._dul.event_queue.put("Evt19")
+        self._report("Evt19")

@@ -6,6 +6,7 @@ directory can be moved or mounted anywhere. Errors name the file, the field and 
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from pathlib import Path
 from typing import Annotated, Final, Literal
@@ -14,10 +15,13 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    IPvAnyNetwork,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -33,7 +37,10 @@ CONFIG_FILE: Final = "gateway.toml"
 # What to do about a bad value, by field; the default points at the commented example.
 _FIXES: Final = {
     "site.id": "use the lowercase slug the federation operator assigned (a-z, 0-9, '-')",
-    "broker.url": "write amqp[s]://USER@HOST[:PORT]/VHOST and put the password in password_file",
+    "broker.url": "write amqps://USER@HOST[:PORT]/VHOST and put the password in password_file "
+    "(amqp:// only to loopback, or set allow_plain_remote = true on a private network)",
+    "broker.other_urls": "write amqps://USER@HOST[:PORT]/VHOST like url (amqp:// only to "
+    "loopback, or set allow_plain_remote = true on a private network)",
     "directory.operator_key": "paste the output of `dicombridge operator key` from the operator",
     "retention": "raise done_max_age_days above outbox_max_age_days and spool_max_age_days",
 }
@@ -93,15 +100,79 @@ class DirectorySection(_Section):
     state_path: Path = Path("state/directory-accepted.json")
 
 
-class BrokerSection(_Section):
-    """The federation's RabbitMQ tenant. The password never goes in this file."""
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` (RFC 6761) and loopback addresses (127.0.0.0/8, ::1)."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
+
+def _check_plain(url: str, *, allowed: bool) -> None:
+    """Refuse ``amqp://`` (no TLS) to a host that is not loopback unless ``allowed``."""
+    parts = urlsplit(url)
+    if parts.scheme == "amqp" and not allowed and not is_loopback(parts.hostname or ""):
+        raise ValueError(
+            f"plain amqp:// to {parts.hostname}, which is not loopback, is refused "
+            "(the password and all traffic would cross the network unencrypted)"
+        )
+
+
+class BrokerSection(_Section):
+    """The federation's RabbitMQ tenant. The password never goes in this file.
+
+    ``amqps`` URLs verify the broker's certificate against ``ca_file`` (default: the
+    system's CA store) and its name against the URL's host. ``cert_file``/``key_file``
+    present a client certificate; ``auth = "external"`` logs in with it (RabbitMQ's x509
+    authentication, EXTERNAL mechanism) instead of a password. Plain ``amqp`` is refused
+    to a host that is not loopback unless ``allow_plain_remote`` (a private network).
+    """
+
+    # Declared before the URLs: their validators read it.
+    allow_plain_remote: bool = False
     url: str
     # Other nodes of the same cluster (same user and vhost): the gateway fails over to them.
     other_urls: list[str] = Field(default_factory=list)
     password_file: Path | None = None
     heartbeat_s: int = Field(default=30, ge=0, le=600)
     connect_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    auth: Literal["plain", "external"] = "plain"
+
+    @field_validator("url")
+    @classmethod
+    def _plain_url(cls, url: str, info: ValidationInfo) -> str:
+        _check_plain(url, allowed=info.data.get("allow_plain_remote") is True)
+        return url
+
+    @field_validator("other_urls")
+    @classmethod
+    def _plain_other_urls(cls, urls: list[str], info: ValidationInfo) -> list[str]:
+        for url in urls:
+            _check_plain(url, allowed=info.data.get("allow_plain_remote") is True)
+        return urls
+
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _readable(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"{path} is not a file")
+        return path
+
+    @model_validator(mode="after")
+    def _tls(self) -> BrokerSection:
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file is set without cert_file")
+        if self.auth == "external":
+            if self.cert_file is None:
+                raise ValueError('auth = "external" needs cert_file (and key_file)')
+            if any(urlsplit(u).scheme != "amqps" for u in (self.url, *self.other_urls)):
+                raise ValueError('auth = "external" needs amqps:// URLs')
+        return self
 
     @field_validator("url")
     @classmethod
@@ -154,6 +225,8 @@ def check_ae_title(value: str) -> str:
 
 
 AETitle = Annotated[str, AfterValidator(check_ae_title)]
+# PS3.15 B.9 (BCP 195) and B.10 (Non-downgrading BCP 195); see dicombridge.dicom_tls.
+DicomTlsProfile = Literal["bcp195", "bcp195-non-downgrading"]
 
 
 class GatewaySection(_Section):
@@ -173,6 +246,30 @@ class GatewaySection(_Section):
     # How often the running gateway looks for an edited routing table (routes, local
     # nodes, remote access) in this file, and applies it without a restart.
     reload_check_s: float = Field(default=2.0, ge=0.1, le=300)
+    # DICOM TLS (PS3.15 B.9/B.10, see dicombridge.dicom_tls): set tls_cert_file and
+    # tls_key_file and the port serves TLS only (by convention 2762). Client certificates
+    # are verified against tls_ca_file; required unless tls_require_client_cert = false.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
+    tls_require_client_cert: bool = True
+    tls_profile: DicomTlsProfile = "bcp195-non-downgrading"
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> GatewaySection:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("DICOM TLS needs both tls_cert_file and tls_key_file")
+        if self.tls and self.tls_require_client_cert and self.tls_ca_file is None:
+            raise ValueError(
+                "tls_require_client_cert needs tls_ca_file, the CA that signs the "
+                "hospital's client certificates (or set tls_require_client_cert = false)"
+            )
+        return self
+
+    @property
+    def tls(self) -> bool:
+        """True when the SCP serves DICOM over TLS (only)."""
+        return self.tls_cert_file is not None
 
 
 def check_ae_pattern(value: str) -> str:
@@ -180,7 +277,24 @@ def check_ae_pattern(value: str) -> str:
     return check_ae_title(value)
 
 
+def check_network(value: object) -> object:
+    """A network in CIDR notation, with the host bits zero (10.1.0.0/16, fd00::/8)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is no network: write it as 10.1.0.0/16") from exc
+    try:
+        ipaddress.ip_network(value)
+    except ValueError as exc:
+        network = ipaddress.ip_network(value, strict=False)
+        raise ValueError(f"{value} has host bits set: write the network, {network}") from exc
+    return value
+
+
 AEPattern = Annotated[str, AfterValidator(check_ae_pattern)]
+SourceNetwork = Annotated[IPvAnyNetwork, BeforeValidator(check_network)]
 Keyword = Annotated[str, AfterValidator(check_keyword)]
 Pattern = Annotated[str, AfterValidator(check_pattern)]
 
@@ -199,6 +313,7 @@ class RouteEntry(_Section):
     node: str = Field(default="PACS", min_length=1, max_length=64)
     # Conditions: the modality's AE title, and data set attributes by keyword.
     calling_ae_titles: list[AEPattern] = Field(default_factory=list)
+    source_networks: list[SourceNetwork] = Field(default_factory=list)
     match: dict[Keyword, Pattern | list[Pattern]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -219,7 +334,7 @@ class RouteEntry(_Section):
 
     @property
     def conditions(self) -> bool:
-        return bool(self.calling_ae_titles or self.match)
+        return bool(self.calling_ae_titles or self.source_networks or self.match)
 
 
 class LocalNode(_Section):
@@ -233,6 +348,26 @@ class LocalNode(_Section):
     # the requester's accepted transfer syntaxes (the node may transcode). False: a
     # C-MOVE to the gateway instead (for a node whose C-GET SCP is off).
     c_get: bool = True
+    # DICOM TLS toward the node (PS3.15 B.9/B.10; its TLS port is by convention 2762).
+    # The node's certificate is verified against tls_ca_file (default: the system's CA
+    # store) and must name tls_server_name (default: host); tls_cert_file/tls_key_file
+    # are the gateway's client certificate, for a node that asks for one.
+    tls: bool = False
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_server_name: str | None = Field(default=None, min_length=1, max_length=253)
+    tls_profile: DicomTlsProfile = "bcp195-non-downgrading"
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> LocalNode:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("a client certificate needs both tls_cert_file and tls_key_file")
+        if not self.tls and (
+            self.tls_ca_file or self.tls_cert_file or self.tls_server_name is not None
+        ):
+            raise ValueError("tls_* keys are set but tls is not true")
+        return self
 
 
 class OutboxSection(_Section):
@@ -360,6 +495,26 @@ class MonitoringSection(_Section):
         return [node.name for node in local_nodes if node.name == "PACS"]
 
 
+class AuditSection(_Section):
+    """The audit trail (``dicombridge.audit``): a JSON line per instance sent, received,
+    stored or failed, query, retrieve and policy refusal. It holds UIDs (PHI-adjacent,
+    never names or patient ids): keep it with the outbox and spool, under retention."""
+
+    enabled: bool = True
+    # Default: <storage.root>/audit/audit.jsonl; a relative path is taken against the
+    # directory of gateway.toml.
+    path: Path | None = None
+    # The file is rotated to audit.jsonl.1 (.2 ...) before it passes this size.
+    max_bytes: int = Field(default=100 * 1024 * 1024, ge=4096)
+    # Rotated files kept; older ones are deleted.
+    keep: int = Field(default=10, ge=0, le=1000)
+
+    def resolved_path(self, *, config_dir: Path, storage_root: Path) -> Path:
+        if self.path is None:
+            return storage_root / "audit" / "audit.jsonl"
+        return self.path if self.path.is_absolute() else config_dir / self.path
+
+
 class SiteConfig(_Section):
     """The whole of ``gateway.toml``; paths already resolved against its directory."""
 
@@ -378,6 +533,7 @@ class SiteConfig(_Section):
     query: QuerySection = QuerySection()
     remote_access: list[RemoteAccessEntry] = Field(default_factory=list)
     monitoring: MonitoringSection = MonitoringSection()
+    audit: AuditSection = AuditSection()
     source: Path = Path()
 
     @model_validator(mode="after")
@@ -434,6 +590,8 @@ class SiteConfig(_Section):
 
     def _with_password(self, url: str) -> str:
         parts = urlsplit(url)
+        if self.broker.auth == "external":
+            return url  # the client certificate logs in (EXTERNAL): no password
         password = quote(self.broker_password().get_secret_value(), safe="")
         netloc = f"{parts.username}:{password}@{parts.hostname}"
         if parts.port:
@@ -468,12 +626,16 @@ def parse(text: str, path: Path) -> SiteConfig:
     for name, keys in (
         ("keys", ("dir",)),
         ("directory", ("path", "state_path")),
-        ("broker", ("password_file",)),
+        ("broker", ("password_file", "ca_file", "cert_file", "key_file")),
         ("storage", ("root",)),
+        ("gateway", ("tls_cert_file", "tls_key_file", "tls_ca_file")),
     ):
         section = raw.get(name)
         if isinstance(section, dict):
             _resolve(base, section, *keys)
+    for node in raw.get("local_nodes") or []:
+        if isinstance(node, dict):
+            _resolve(base, node, "tls_ca_file", "tls_cert_file", "tls_key_file")
     defaults = {
         "keys": {"dir": str(base / "keys")},
         "directory": {
@@ -535,6 +697,19 @@ url = "{broker_url}"
 password_file = "secrets/broker-password"
 heartbeat_s = 30
 connect_timeout_s = 10
+# amqps: the broker's certificate must verify against this CA (PEM) and name the URL's
+# host; without ca_file, the system's CA store is used.
+# ca_file = "secrets/broker-ca.pem"
+# A client certificate (PEM), if the broker asks for one; key_file may be left out when
+# cert_file holds the key too.
+# cert_file = "secrets/broker-client.pem"
+# key_file = "secrets/broker-client.key"
+# "external": log in with the client certificate (RabbitMQ x509 authentication, the
+# certificate's CN is the broker user) instead of password_file.
+# auth = "plain"
+# Plain amqp:// is refused to any host but loopback; true allows it (private network only:
+# the password and all traffic cross it unencrypted).
+# allow_plain_remote = false
 
 [transfer]
 # Instances are cut into sealed fragments of this size (bytes).
@@ -561,6 +736,18 @@ network_timeout_s = 60
 # The routing table below (routes, local_nodes, remote_access) is reloaded while the
 # gateway runs, within this many seconds of an edit; other sections need a restart.
 reload_check_s = 2
+# DICOM TLS for the hospital's devices (PS3.15 B.9/B.10; DCMTK: storescu +tls KEY CERT
+# +cf CA). With a certificate and key set, this port serves TLS only (plain DICOM to
+# it fails): use the DICOM TLS port 2762 by convention. TLS 1.2 or 1.3; the profile
+# "bcp195-non-downgrading" (B.10, default) allows only the four BCP 195 AES-GCM suites
+# with ECDHE/DHE, "bcp195" (B.9) also TLS_RSA_WITH_AES_128_CBC_SHA for older peers.
+# Client certificates are verified against tls_ca_file; set tls_require_client_cert =
+# false to accept devices without one (those that offer one are still verified).
+# tls_cert_file = "secrets/dicom-tls.crt"   # PEM, RSA, may hold the chain
+# tls_key_file = "secrets/dicom-tls.key"    # PEM, unencrypted, mode 0600
+# tls_ca_file = "secrets/hospital-ca.pem"   # CA of the devices' client certificates
+# tls_require_client_cert = true
+# tls_profile = "bcp195-non-downgrading"
 
 # Routes: a called AE title on this gateway that reaches a node at another site.
 # [[routes]]
@@ -587,6 +774,15 @@ reload_check_s = 2
 # ae_title = "ORTHANC"
 # host = "127.0.0.1"
 # port = 4242
+# DICOM TLS toward the node (its TLS port, by convention 2762): its certificate must
+# verify against tls_ca_file (default: the system's CA store) and name tls_server_name
+# (default: host); tls_cert_file/tls_key_file: the gateway's client certificate.
+# tls = true
+# tls_ca_file = "secrets/pacs-ca.pem"
+# tls_server_name = "pacs.hospital.example"
+# tls_cert_file = "secrets/gateway-client.crt"
+# tls_key_file = "secrets/gateway-client.key"
+# tls_profile = "bcp195-non-downgrading"
 
 [outbox]
 # Beyond either cap the gateway answers C-STORE with 0xA700 (out of resources).
@@ -646,6 +842,15 @@ deep_echo = true
 # port = 9110
 # node_check_s = 15
 # ready_nodes = ["PACS"]   # local nodes that must answer C-ECHO (default: PACS if any)
+
+# The audit trail: one JSON line per instance sent, received, stored or failed, query,
+# retrieve and policy refusal, with time, sites, AE titles, UIDs and outcome (no patient
+# names or ids). UIDs are PHI-adjacent: it lives with the outbox and spool by default.
+# [audit]
+# enabled = true
+# path = "var/audit/audit.jsonl"   # default: <storage.root>/audit/audit.jsonl
+# max_bytes = 104857600            # rotated to audit.jsonl.1 ... before passing this
+# keep = 10                        # rotated files kept
 
 # What other sites may ask of this site's nodes. This site decides: a site not listed
 # (nor "*") is refused with status 0x0124 (not authorised), and so is anything outside

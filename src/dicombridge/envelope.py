@@ -211,9 +211,12 @@ def open_document(
         raise IntegrityError("sealed document length does not add up")
     payload = plaintext[4 : 4 + length]
     signature = plaintext[4 + length :]
+    # Parsed before the signature is checked (the signer is named inside): anyone holding
+    # our public KEM key can seal any payload, so JSON nested too deep for the parser
+    # (RecursionError) is refused like any other non-JSON, not leaked to the caller.
     try:
         document = json.loads(payload)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise IntegrityError("sealed document is not JSON") from exc
     if not isinstance(document, dict):
         raise IntegrityError("sealed document is not a JSON object")

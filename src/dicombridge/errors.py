@@ -21,6 +21,7 @@ enter (``raise X from exc``), never passed through.
     ├── SenderMismatchError         AMQP user_id missing or not the signed sender
     ├── TransportError              the broker (transient unless stated)
     │   ├── BrokerUnreachableError        cannot connect
+    │   ├── BrokerTlsError                TLS to the broker failed: its certificate (permanent)
     │   ├── PublishRefusedError           nacked, returned or rejected (queue full)
     │   └── PermissionDeniedError         the broker refused an operation (permanent)
     ├── OutboxFullError             the outbox reached a cap: answer 0xA700 (transient)
@@ -102,6 +103,13 @@ class TransportError(BridgeError):
 
 class BrokerUnreachableError(TransportError):
     """No connection to the broker."""
+
+
+class BrokerTlsError(TransportError):
+    """TLS to the broker failed: its certificate did not verify against the configured CA,
+    its name did not match, or the TLS files could not be used. Retrying cannot help."""
+
+    transient = False
 
 
 class PublishRefusedError(TransportError):

@@ -42,7 +42,9 @@ from typing import Any, Final
 
 from dicombridge import config as site_config
 from dicombridge import routing_table
-from dicombridge.acceptance import AcceptancePolicy
+from dicombridge.acceptance import AcceptancePolicy, RejectReason
+from dicombridge.audit import AuditTrail
+from dicombridge.audit import Event as AuditEvent
 from dicombridge.config import LocalNode, SiteConfig
 from dicombridge.control import (
     CANCEL,
@@ -57,7 +59,9 @@ from dicombridge.control import (
     seal_control,
 )
 from dicombridge.delivery import Deliverer, StoreClient
+from dicombridge.dicom_tls import gateway_context
 from dicombridge.errors import (
+    BridgeError,
     BrokerUnreachableError,
     ConfigError,
     IntegrityError,
@@ -70,8 +74,9 @@ from dicombridge.health import Monitor
 from dicombridge.identity import LocalSite
 from dicombridge.metrics import GatewayMetrics
 from dicombridge.outbox import Outbox
+from dicombridge.qr_scp import from_explicit_little
 from dicombridge.quarantine import Quarantine
-from dicombridge.query_policy import RemoteAccessPolicy
+from dicombridge.query_policy import STATUS_NOT_AUTHORISED, RemoteAccessPolicy
 from dicombridge.receipts import UnsentReceipts
 from dicombridge.requester import Requester
 from dicombridge.responder import Responder
@@ -80,7 +85,7 @@ from dicombridge.rules import RouteRules, read_attributes
 from dicombridge.scp import ReceivedInstance, ScpSettings, StorageSCP, StoreOutcome
 from dicombridge.scu import StoreSCUPool
 from dicombridge.spool import IncomingTransfer, Receiver, ReceiverIdentity
-from dicombridge.transport import Delivery, Transport
+from dicombridge.transport import BrokerTls, Delivery, Transport
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +144,7 @@ class Gateway:
         self.resends = 0
         self.requester = Requester(
             routes=config.routes,
-            publish=self._publish_control,
+            publish=self._publish_request,
             timeout_s=config.query.timeout_s,
             retrieve_timeout_s=config.query.retrieve_timeout_s,
             local_nodes=config.local_nodes,
@@ -150,8 +155,16 @@ class Gateway:
             local_nodes={n.name: n for n in config.local_nodes},
             calling_ae_title=config.gateway.ae_title,
             policy=RemoteAccessPolicy(config.remote_access),
-            publish=self._publish_control,
+            publish=self._publish_answer,
             dimse_timeout_s=config.gateway.dimse_timeout_s,
+        )
+        # The audit trail ([audit]): a JSON line per instance sent, received, stored...
+        self.audit = AuditTrail(
+            config.audit.resolved_path(config_dir=config.source.parent, storage_root=root),
+            site=site.site_id,
+            max_bytes=config.audit.max_bytes,
+            keep=config.audit.keep,
+            enabled=config.audit.enabled,
         )
         # /metrics, /healthz, /readyz, /status ([monitoring]); figures read when scraped.
         self.monitor = Monitor(self)
@@ -177,13 +190,13 @@ class Gateway:
         """Answer as every route's AE title, and as the gateway's own (Verification only);
         a route AE title admits only the calling AE titles one of its routes could take."""
         config = self.site.config
-        callers = {
-            title: patterns
+        admissions = {
+            title: admitted
             for title in self._rules.ae_titles
-            if (patterns := self._rules.calling_patterns(title)) is not None
+            if (admitted := self._rules.admissions(title)) is not None
         }
         return AcceptancePolicy.of(
-            [config.gateway.ae_title, *self._rules.ae_titles], calling_ae_titles=callers
+            [config.gateway.ae_title, *self._rules.ae_titles], admissions=admissions
         )
 
     def scp_settings(self) -> ScpSettings:
@@ -198,6 +211,7 @@ class Gateway:
             network_timeout_s=gateway.network_timeout_s,
             shutdown_grace_s=gateway.shutdown_grace_s,
             receive_dir=self.site.config.storage.root / "receiving",
+            ssl_context=gateway_context(gateway),
         )
 
     async def on_instance(self, instance: ReceivedInstance) -> StoreOutcome:
@@ -230,6 +244,8 @@ class Gateway:
         """Select the route (reading the data set's attributes if its rules need them)
         and admit the instance for each of its sites."""
         keywords = self._rules.keywords(instance.called_ae_title)
+        if keywords and self.audit.enabled:
+            keywords |= AUDIT_KEYWORDS  # one header read serves the rules and the audit
         attributes = None
         if keywords:
             try:
@@ -246,7 +262,10 @@ class Gateway:
                     STATUS_CANNOT_UNDERSTAND, "data set unreadable: cannot apply route rules"
                 )
         selection = self._rules.select(
-            instance.called_ae_title, instance.calling_ae_title, attributes or {}
+            instance.called_ae_title,
+            instance.calling_ae_title,
+            attributes or {},
+            instance.calling_address,
         )
         if selection.route is None:
             log.warning(
@@ -262,15 +281,26 @@ class Gateway:
                 f"no route of {instance.called_ae_title} selects this instance",
             )
         node = {"node": selection.route.node}
-        return await self._admit(instance, [(site, node) for site in selection.sites], None)
+        return await self._admit(
+            instance,
+            [(site, node) for site in selection.sites],
+            None,
+            study_uids=None if attributes is None else _study_uids(attributes),
+        )
 
     async def _admit(
         self,
         instance: ReceivedInstance,
         destinations: list[tuple[str, dict[str, Any]]],
         retrieve: str | None,
+        *,
+        study_uids: dict[str, str] | None = None,
     ) -> StoreOutcome:
-        """Seal ``instance`` into the outbox for each (site, meta) in ``destinations``."""
+        """Seal ``instance`` into the outbox for each (site, meta) in ``destinations``.
+
+        With the audit trail on, the meta also carries the Study and Series Instance UIDs
+        (``study_uids``, or read from the header in the admission's thread), so that the
+        receiver audits them too."""
         config = self.site.config
         common = {
             "sop_class_uid": instance.sop_class_uid,
@@ -281,6 +311,9 @@ class Gateway:
         }
 
         def admit_all() -> list[SealedTransfer]:
+            if self.audit.enabled:
+                uids = _read_study_uids(instance.source) if study_uids is None else study_uids
+                common.update(uids)
             admitted: list[SealedTransfer] = []
             try:
                 for site, extra in destinations:
@@ -320,16 +353,30 @@ class Gateway:
                 STATUS_OUT_OF_RESOURCES,
                 "dicombridge outbox full (broker down or slow); retry later",
             )
-        for (site, _), sealed in zip(destinations, admitted, strict=True):
+        for (site, extra), sealed in zip(destinations, admitted, strict=True):
             if sealed.plaintext_sha256 is not None:
                 self.received_sha256[sealed.transfer_id_hex] = sealed.plaintext_sha256.hex()
             self._publish_queue.put_nowait(sealed.transfer_id_hex)
             self._admitted(sealed, called_ae_title=instance.called_ae_title)
+            self._audit_sent(sealed, site, {**extra, **common})
             log.info(
                 "instance admitted to outbox",
                 extra={"transfer_id": sealed.transfer_id_hex, "to_site": site},
             )
         return StoreOutcome(STATUS_SUCCESS, None)
+
+    def _audit_rejected(
+        self, called_ae_title: str, calling_ae_title: str, address: str, reason: RejectReason
+    ) -> None:
+        """An association refused at negotiation (in its thread; the trail never blocks)."""
+        self.audit.record(
+            "association-rejected",
+            outcome="failure",
+            called_ae_title=called_ae_title,
+            calling_ae_title=calling_ae_title,
+            source_address=address,
+            reason=reason.description,
+        )
 
     def _withdraw_abandoned(self, admission: asyncio.Future[list[SealedTransfer]]) -> None:
         if admission.cancelled() or admission.exception() is not None:
@@ -340,6 +387,18 @@ class Gateway:
                 "admission withdrawn: the modality was answered 0xA700 meanwhile",
                 extra={"transfer_id": sealed.transfer_id_hex},
             )
+
+    def _audit_sent(self, sealed: SealedTransfer, to_site: str, meta: dict[str, Any]) -> None:
+        """instance-sent, and the fields its receipt's record will repeat."""
+        fields: dict[str, Any] = {
+            "to_site": to_site,
+            "node": meta.get("node"),
+            **{name: meta.get(name) for name in AUDIT_META},
+        }
+        self.audit.record(
+            "instance-sent", status=STATUS_SUCCESS, transfer_id=sealed.transfer_id_hex, **fields
+        )
+        self.audit.remember(sealed.transfer_id_hex, fields)
 
     def _admitted(self, sealed: SealedTransfer, *, called_ae_title: str) -> None:
         """Count an instance admitted to the outbox for ``sealed.recipient_site`` (metrics,
@@ -399,6 +458,14 @@ class Gateway:
     async def _on_incoming(self, incoming: IncomingTransfer) -> None:
         # A verified transfer is contact from its sender as much as a control message is.
         self.metrics.contact(incoming.sender_site)
+        self.audit.record(
+            "instance-received",
+            status=STATUS_SUCCESS,
+            from_site=incoming.sender_site,
+            transfer_id=incoming.transfer_id.hex(),
+            node=incoming.meta.get("node"),
+            **{name: incoming.meta.get(name) for name in AUDIT_META},
+        )
         await self._submit(incoming)
 
     async def _submit(self, incoming: IncomingTransfer) -> None:
@@ -410,13 +477,27 @@ class Gateway:
 
     async def _finish_retrieved(self, incoming: IncomingTransfer, receipt: Receipt) -> None:
         """A C-GET instance was sent back (or not): receipt to its sender, file gone."""
+        self._audit_delivered(incoming, receipt)
         await self._send_receipt(incoming.sender_site, receipt)
         await asyncio.to_thread(incoming.remove)
 
     def _on_delivered(self, incoming: IncomingTransfer, receipt: Receipt) -> None:
+        self._audit_delivered(incoming, receipt)
         self.metrics.delivered(incoming, receipt)
         if "retrieve" in incoming.meta:
             self.requester.on_delivered(incoming, receipt)
+
+    def _audit_delivered(self, incoming: IncomingTransfer, receipt: Receipt) -> None:
+        """instance-stored or instance-failed: the local node's (or C-GET requester's) answer."""
+        self.audit.record(
+            "instance-stored" if receipt.outcome == "stored" else "instance-failed",
+            status=receipt.status,
+            outcome="success" if receipt.outcome == "stored" else "failure",
+            from_site=incoming.sender_site,
+            transfer_id=incoming.transfer_id.hex(),
+            node=incoming.meta.get("node"),
+            **{name: incoming.meta.get(name) for name in AUDIT_META},
+        )
 
     async def _rescan_incoming(self) -> None:
         """Pick up what `dicombridge quarantine retry` put back into incoming/."""
@@ -534,6 +615,44 @@ class Gateway:
         )
         await transport.publish("control", to_site, body, message_id=message_id)
 
+    async def _publish_request(self, to_site: str, document: dict[str, Any]) -> None:
+        """The requester's control messages; a query or retrieve asked of ``to_site`` is
+        remembered for the audit record of its final response (or audited as failed
+        here if it cannot be published)."""
+        query = Query.from_document(document) if document.get("type") == QUERY else None
+        key = None if query is None else f"query-sent {query.query_id}"
+        if query is not None and key is not None and self.audit.enabled:
+            self.audit.remember(key, {"to_site": to_site, **_query_fields(query)})
+        try:
+            await self._publish_control(to_site, document)
+        except BaseException:
+            if key is not None:
+                self._audit_query(self.audit.recall(key, forget=True), None)
+            raise
+
+    async def _publish_answer(self, to_site: str, document: dict[str, Any]) -> None:
+        """The responder's control messages; a final response is audited (the query or
+        retrieve answered for ``to_site``, or its refusal by policy)."""
+        await self._publish_control(to_site, document)
+        if document.get("type") == QUERY_RESPONSE and document.get("final"):
+            key = f"query-answered {to_site} {document.get('query_id')}"
+            fields = self.audit.recall(key, forget=True)
+            if fields:
+                self._audit_query(fields, int(document["status"]))
+
+    def _audit_query(self, fields: dict[str, Any], status: int | None) -> None:
+        """query or retrieve (by operation), or policy-refusal for a responder's 0x0124."""
+        operation = fields.get("operation")
+        event: AuditEvent = "retrieve" if operation in ("move", "get") else "query"
+        if status == STATUS_NOT_AUTHORISED and "from_site" in fields:
+            event = "policy-refusal"
+        self.audit.record(
+            event,
+            status=status,
+            outcome="failure" if status is None else None,
+            **fields,
+        )
+
     async def _on_control(self, delivery: Delivery) -> None:
         message = open_control(
             delivery.body,
@@ -545,9 +664,19 @@ class Gateway:
         sender = message.sender_site
         self.metrics.contact(sender)
         if message.type == QUERY_RESPONSE:
-            self.requester.on_response(sender, QueryResponse.from_document(message.document))
+            response = QueryResponse.from_document(message.document)
+            if response.final:
+                fields = self.audit.recall(f"query-sent {response.query_id}", forget=True)
+                if fields.get("to_site") == sender:
+                    self._audit_query(fields, response.status)
+            self.requester.on_response(sender, response)
         elif message.type == QUERY:
             query = Query.from_document(message.document)
+            if self.audit.enabled:
+                self.audit.remember(
+                    f"query-answered {sender} {query.query_id}",
+                    {"from_site": sender, **_query_fields(query)},
+                )
             await self.responder.on_query(sender, query, _created_at(message.document))
         elif message.type == CANCEL:
             await self.responder.on_cancel(sender, Cancel.from_document(message.document))
@@ -570,6 +699,19 @@ class Gateway:
         )
         created_at = None if entry is None else entry.state.get("created_at")
         self.metrics.receipt(sender, receipt, created_at=created_at, known=entry is not None)
+        if entry is not None:
+            # A failed receipt keeps the entry (and its UIDs) for the re-send's receipt.
+            remembered = self.audit.recall(
+                receipt.transfer_id.hex(), forget=receipt.outcome == "stored"
+            )
+            remembered["to_site"] = sender
+            self.audit.record(
+                "instance-stored" if receipt.outcome == "stored" else "instance-failed",
+                status=receipt.status,
+                outcome="success" if receipt.outcome == "stored" else "failure",
+                transfer_id=receipt.transfer_id.hex(),
+                **remembered,
+            )
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -579,6 +721,7 @@ class Gateway:
         """Serve until cancelled, or until ``stop`` is set (then stop gracefully)."""
         self._loop = asyncio.get_running_loop()
         self.requester.loop = self._loop
+        self.audit.open()
         self.outbox.recover()
         for entry in self.outbox.entries():
             if not entry.published:
@@ -594,6 +737,7 @@ class Gateway:
         ) as scp:
             self.scp_port = scp.port
             self._scp = scp
+            scp.gate.on_reject = self._audit_rejected
             self.responder.retrieve_handlers = scp.retrieve_handlers
             try:
                 async with asyncio.TaskGroup() as group:
@@ -616,6 +760,7 @@ class Gateway:
                 for client in self._clients.values():
                     await asyncio.to_thread(client.close)
                 self.unsent_receipts.close()
+                await asyncio.to_thread(self.audit.close)
 
     # --- the routing table ------------------------------------------------------------
 
@@ -722,6 +867,7 @@ class Gateway:
                 max_in_flight_messages=config.transfer.max_in_flight_messages,
                 connect_timeout_s=config.broker.connect_timeout_s,
                 heartbeat_s=config.broker.heartbeat_s,
+                tls=BrokerTls.of(config.broker),
             )
             try:
                 return await transport.__aenter__()
@@ -752,6 +898,58 @@ class Gateway:
                 log.info("gateway ready", extra={"site": self.site.site_id})
         finally:
             await transport.__aexit__(None, None, None)
+
+
+# Header attributes the audit trail needs beyond the SCP's (which knows the SOP Instance UID).
+AUDIT_KEYWORDS: Final = frozenset({"StudyInstanceUID", "SeriesInstanceUID"})
+# Transfer meta that goes into audit records as it is.
+AUDIT_META: Final = (
+    "calling_ae_title",
+    "called_ae_title",
+    "study_instance_uid",
+    "series_instance_uid",
+    "sop_instance_uid",
+    "sop_class_uid",
+)
+
+
+def _study_uids(attributes: dict[str, str | list[str]]) -> dict[str, str]:
+    """The Study and Series Instance UIDs among header ``attributes``, as transfer meta."""
+    uids = {}
+    for keyword, name in (
+        ("StudyInstanceUID", "study_instance_uid"),
+        ("SeriesInstanceUID", "series_instance_uid"),
+    ):
+        value = attributes.get(keyword)
+        if isinstance(value, str) and value:
+            uids[name] = value
+    return uids
+
+
+def _read_study_uids(source: Path | bytes) -> dict[str, str]:
+    """Read the UIDs for the audit trail; a header pydicom cannot read gets none (the
+    instance is relayed all the same: the audit must not refuse what the route takes)."""
+    try:
+        return _study_uids(read_attributes(source, AUDIT_KEYWORDS))
+    except Exception as exc:  # pydicom raises many types; any is the data set's fault
+        log.warning("study and series UIDs unreadable", extra={"error": type(exc).__name__})
+        return {}
+
+
+def _query_fields(query: Query) -> dict[str, Any]:
+    """A query's audit fields: who asked which node what, at which level (no keys)."""
+    level = None
+    if query.identifier:
+        with contextlib.suppress(Exception):  # pydicom raises many types; any means none
+            level = from_explicit_little(query.identifier).get("QueryRetrieveLevel")
+    return {
+        "query_id": query.query_id,
+        "operation": query.operation,
+        "node": query.node,
+        "calling_ae_title": query.calling_ae_title,
+        "called_ae_title": query.called_ae_title,
+        "level": None if level is None else str(level).strip(),
+    }
 
 
 def _created_at(document: dict[str, Any]) -> datetime | None:
@@ -788,7 +986,18 @@ def run_gateway(config_path: Path) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await Gateway(site).run(stop=stop)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except BaseExceptionGroup as group:
+        # A permanent error of one of the gateway's tasks (a broker certificate from an
+        # unknown CA, ...): the CLI prints it as one line naming the fix, not a traceback.
+        permanent = group.subgroup(lambda exc: isinstance(exc, BridgeError))
+        if permanent is None:
+            raise
+        first = permanent.exceptions[0]
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from group
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:

@@ -8,7 +8,8 @@ whose instances come back on its own association in the (SOP class, transfer syn
 pairs given (the node may transcode to one of them, as Orthanc does), ``echo`` checks the
 node. Every call is blocking (the gateway runs it with ``asyncio.to_thread``) and opens
 an association of its own, so concurrent calls share nothing; the socket has TCP_NODELAY
-(scu.py's requestor socket).
+(scu.py's requestor socket), and is DICOM TLS for a node with ``tls = true``
+(``dicom_tls``).
 
 Identifiers stay as raw as pydicom allows, so that Specific Character Set and the bytes
 of non-ASCII values (ISO_IR 100, ISO_IR 192, ...) pass through unchanged:
@@ -85,6 +86,8 @@ from pynetdicom.events import EventHandlerType
 from pynetdicom.presentation import PresentationContext, build_context, build_role
 
 from dicombridge.config import LocalNode
+from dicombridge.dicom_tls import node_tls_args
+from dicombridge.errors import ConfigError
 from dicombridge.scu import (
     _AE,
     MAX_PDU_BYTES,
@@ -713,6 +716,12 @@ class QuerySCU:
         """An association accepting ``sop_class_uid`` (and proposing ``storage`` with the
         SCP role), or the outcome saying why not."""
         _configure_pynetdicom()
+        try:
+            # Built per call: a QuerySCU lives for one request or check.
+            tls_args = node_tls_args(self.node)
+        except ConfigError as exc:
+            log.warning("DICOM TLS toward local node unusable", extra=self._log_extra())
+            return _local(STATUS_NO_ASSOCIATION, str(exc))
         started = time.monotonic()
         storage_contexts, roles = self._storage_contexts(storage)
         assoc = self._ae.associate(
@@ -723,6 +732,7 @@ class QuerySCU:
             max_pdu=self.maximum_pdu_size,
             ext_neg=roles or None,
             evt_handlers=list(evt_handlers) or None,
+            tls_args=tls_args,
         )
         if assoc.is_established:
             if not any(cx.abstract_syntax == sop_class_uid for cx in assoc.accepted_contexts):

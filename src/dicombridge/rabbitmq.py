@@ -30,6 +30,48 @@ BROKER_SCRIPTS: Final = Path(__file__).resolve().parents[2] / "broker"
 
 
 @dataclass(frozen=True)
+class NodeTls:
+    """A TLS-only AMQP listener (https://www.rabbitmq.com/docs/ssl): the node's certificate
+    and key, the CA that signs client certificates, and whether a client certificate is
+    required (``verify_peer``) and may log in by itself (``external``: x509 login, the
+    certificate's CN is the user; implies ``verify_peer``)."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    verify_peer: bool = False
+    external: bool = False
+
+    def arguments(self) -> list[str]:
+        """``broker/start-node`` options for this listener."""
+        arguments = [
+            "--tls-ca",
+            str(self.ca_file),
+            "--tls-cert",
+            str(self.cert_file),
+            "--tls-key",
+            str(self.key_file),
+        ]
+        if self.verify_peer:
+            arguments.append("--tls-verify-peer")
+        if self.external:
+            arguments.append("--tls-external")
+        return arguments
+
+    @classmethod
+    def from_json(cls, info: dict[str, Any] | None) -> NodeTls | None:
+        if not info:
+            return None
+        return cls(
+            ca_file=Path(info["ca_file"]),
+            cert_file=Path(info["cert_file"]),
+            key_file=Path(info["key_file"]),
+            verify_peer=bool(info["verify_peer"]),
+            external=bool(info["external"]),
+        )
+
+
+@dataclass(frozen=True)
 class BrokerNode:
     """A RabbitMQ node started by ``broker/start-node``; read from its ``node.json``."""
 
@@ -41,6 +83,8 @@ class BrokerNode:
     admin_user: str
     admin_password: SecretStr
     pid: int
+    # Set when the AMQP port speaks amqps only.
+    tls: NodeTls | None = None
 
     @classmethod
     def from_workdir(cls, workdir: Path) -> BrokerNode:
@@ -54,14 +98,31 @@ class BrokerNode:
             admin_user=info["admin_user"],
             admin_password=SecretStr(info["admin_password"]),
             pid=int(info["pid"]),
+            tls=NodeTls.from_json(info.get("tls")),
         )
 
     @classmethod
-    def start(cls, workdir: Path, *, memory_mib: int = 1024, timeout_s: int = 90) -> BrokerNode:
-        """Start a node in ``workdir`` and return when its management API answers."""
+    def start(
+        cls,
+        workdir: Path,
+        *,
+        memory_mib: int = 1024,
+        timeout_s: int = 90,
+        tls: NodeTls | None = None,
+    ) -> BrokerNode:
+        """Start a node in ``workdir`` and return when its management API answers.
+
+        With ``tls`` its AMQP port speaks amqps only (``amqp_url`` then says ``amqps``).
+        """
         run_script(
             "start-node",
-            ["--workdir", str(workdir), "--memory-mib", str(memory_mib)],
+            [
+                "--workdir",
+                str(workdir),
+                "--memory-mib",
+                str(memory_mib),
+                *(tls.arguments() if tls else []),
+            ],
             timeout_s=timeout_s,
             where=workdir,
         )
@@ -83,11 +144,13 @@ class BrokerNode:
         )
 
     def amqp_url(self, *, user: str, password: SecretStr | str, vhost: str) -> str:
-        """``amqp://user:pass@127.0.0.1:port/vhost``, every part percent-encoded."""
+        """``amqp://user:pass@127.0.0.1:port/vhost`` (``amqps`` for a TLS node), every part
+        percent-encoded."""
         raw = password.get_secret_value() if isinstance(password, SecretStr) else password
         secret = quote(raw, safe="")
         path = quote(vhost, safe="")
-        return f"amqp://{quote(user, safe='')}:{secret}@127.0.0.1:{self.amqp_port}/{path}"
+        scheme = "amqps" if self.tls else "amqp"
+        return f"{scheme}://{quote(user, safe='')}:{secret}@127.0.0.1:{self.amqp_port}/{path}"
 
     def admin_amqp_url(self, vhost: str) -> str:
         return self.amqp_url(user=self.admin_user, password=self.admin_password, vhost=vhost)
@@ -148,6 +211,8 @@ class BrokerNode:
             arguments += ["--cookie-file", str(cookie_file)]
         if join is not None:
             arguments += ["--join", join]
+        if self.tls is not None:
+            arguments += self.tls.arguments()
         run_script("start-node", arguments, timeout_s=timeout_s, where=self.workdir)
         return BrokerNode.from_workdir(self.workdir)
 

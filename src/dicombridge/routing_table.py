@@ -40,6 +40,7 @@ def add_route(
     sites: Sequence[str],
     node: str = "PACS",
     calling_ae_titles: Sequence[str] = (),
+    source_networks: Sequence[str] = (),
     match: Mapping[str, Sequence[str]] | None = None,
     before: int | None = None,
 ) -> SiteConfig:
@@ -56,6 +57,7 @@ def add_route(
         "sites": [] if one else list(sites),
         "node": node,
         "calling_ae_titles": list(calling_ae_titles),
+        "source_networks": list(source_networks),
         "match": {k: v[0] if len(v) == 1 else list(v) for k, v in (match or {}).items()},
     }
     entry: RouteEntry = _entry(path, "routes", RouteEntry, **fields)
@@ -68,6 +70,8 @@ def add_route(
     values["node"] = entry.node
     if entry.calling_ae_titles:
         values["calling_ae_titles"] = entry.calling_ae_titles
+    if entry.source_networks:
+        values["source_networks"] = [str(network) for network in entry.source_networks]
     if entry.match:
         inline = tomlkit.inline_table()
         inline.update(entry.match)
@@ -138,7 +142,12 @@ def add_node(
         port=port,
         c_get=c_get,
     )
-    return _add(path, "local_nodes", "name", entry.model_dump())
+    # The node's address as given, other settings only where they differ from the
+    # defaults (TLS files and the like are added by hand, with their comments).
+    values = {"name": entry.name, "ae_title": entry.ae_title, "host": entry.host}
+    values |= {"port": entry.port, "c_get": entry.c_get}
+    values |= entry.model_dump(mode="json", exclude_defaults=True, exclude_none=True)
+    return _add(path, "local_nodes", "name", values)
 
 
 def remove_node(path: Path, name: str) -> SiteConfig:

@@ -4,6 +4,7 @@ A route in ``gateway.toml`` names a called AE title on this gateway and one or m
 sites (fan-out). It may also carry conditions:
 
 - ``calling_ae_titles``: the modality's AE title must match one of these patterns;
+- ``source_networks``: the modality's address must be in one of these networks;
 - ``match``: dataset attributes by keyword (``Modality = ["CT", "MR"]``,
   ``StudyDescription = "*HEAD*"``); every attribute named must match one of its patterns.
 
@@ -17,10 +18,11 @@ Order of evaluation (what ``dicombridge routes check --explain`` shows):
 4. If none holds, the C-STORE is answered 0x0110 (processing failure) with an Error
    Comment, and nothing is relayed.
 
-At association time a calling AE title that no route of the called AE title could take is
-rejected "calling AE title not recognised" (PS3.8 Table 9-21, reason 3), before anything
-is sent. Queries, retrieves and deep echoes have no data set: they take the first route of
-the called AE title whose ``calling_ae_titles`` hold, ignoring ``match``.
+At association time a caller (AE title and address) that no route of the called AE title
+could take is rejected "calling AE title not recognised" (PS3.8 Table 9-21, reason 3),
+before anything is sent. Queries, retrieves and deep echoes have no data set: they take
+the first route of the called AE title whose ``calling_ae_titles`` hold, ignoring
+``match`` (and ``source_networks``: the association was admitted by them already).
 
 Patterns use DICOM's wildcards (PS3.4 C.2.2.2.4): ``*`` any run of characters, ``?`` any
 single one; matching is case-sensitive, as DICOM's is. A pattern is compared with the
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import io
+import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -98,6 +101,33 @@ def attribute_matches(patterns: Sequence[str], value: str | Sequence[str] | None
 
 
 Attributes = Mapping[str, str | Sequence[str] | None]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def address_in(networks: Sequence[Network], address: str) -> bool:
+    """True if ``address`` (an IPv4 or IPv6 address, IPv4-mapped included) is in one of
+    ``networks``; an address that does not parse is in none."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in networks)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Whom one route admits at association time: calling AE title patterns and source
+    networks (None: any)."""
+
+    calling: tuple[str, ...] | None = None
+    networks: tuple[Network, ...] | None = None
+
+    def admits(self, calling_ae_title: str, address: str | None) -> bool:
+        if self.calling is not None and not attribute_matches(self.calling, calling_ae_title):
+            return False
+        return self.networks is None or (address is not None and address_in(self.networks, address))
 
 
 def read_attributes(source: Path | bytes, keywords: Iterable[str]) -> dict[str, str | list[str]]:
@@ -173,14 +203,19 @@ class RouteRules:
         """Every called AE title a route serves, in order of first appearance."""
         return list(self._routes)
 
-    def calling_patterns(self, called_ae_title: str) -> tuple[str, ...] | None:
-        """The calling AE titles some route of ``called_ae_title`` admits (None: anyone)."""
-        patterns: list[str] = []
+    def admissions(self, called_ae_title: str) -> tuple[Admission, ...] | None:
+        """Whom the routes of ``called_ae_title`` admit at association time, one admission
+        per route (None: a route admits anyone from anywhere)."""
+        found: list[Admission] = []
         for _, route in self._routes.get(called_ae_title.strip(), []):
-            if not route.calling_ae_titles:
+            if not route.calling_ae_titles and not route.source_networks:
                 return None
-            patterns.extend(route.calling_ae_titles)
-        return tuple(dict.fromkeys(patterns))
+            found.append(
+                Admission(
+                    tuple(route.calling_ae_titles) or None, tuple(route.source_networks) or None
+                )
+            )
+        return tuple(dict.fromkeys(found))
 
     def keywords(self, called_ae_title: str) -> frozenset[str]:
         """The attributes the routes of ``called_ae_title`` need from a data set."""
@@ -195,16 +230,22 @@ class RouteRules:
         called_ae_title: str,
         calling_ae_title: str | None,
         attributes: Attributes | None = None,
+        address: str | None = None,
     ) -> Selection:
         """The first route of ``called_ae_title`` whose conditions hold.
 
         ``attributes=None`` leaves data set conditions out (queries, retrieves, echoes);
         ``calling_ae_title=None`` leaves calling AE conditions out (``routes check``
-        without ``--calling-ae``).
+        without ``--calling-ae``); ``address=None`` leaves source networks out (the
+        association was admitted from one of its routes' networks already).
         """
         steps: list[Step] = []
         for position, route in self._routes.get(called_ae_title.strip(), []):
             checks: list[Check] = []
+            if route.source_networks and address is not None:
+                networks = tuple(str(n) for n in route.source_networks)
+                held = address_in(route.source_networks, address)
+                checks.append(Check("source address", networks, address, held))
             if route.calling_ae_titles and calling_ae_title is not None:
                 calling = calling_ae_title.strip()
                 patterns = tuple(route.calling_ae_titles)
@@ -252,6 +293,10 @@ def _weaker_or_equal(earlier: RouteEntry, later: RouteEntry) -> bool:
     superset of the later one's for every condition it has)."""
     if earlier.calling_ae_titles and not (
         later.calling_ae_titles and set(later.calling_ae_titles) <= set(earlier.calling_ae_titles)
+    ):
+        return False
+    if earlier.source_networks and not (
+        later.source_networks and set(later.source_networks) <= set(earlier.source_networks)
     ):
         return False
     return all(

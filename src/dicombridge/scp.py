@@ -51,6 +51,7 @@ import contextlib
 import io
 import logging
 import os
+import ssl
 import struct
 import tempfile
 import threading
@@ -182,6 +183,8 @@ class ReceivedInstance:
     # Set by a C-MOVE's sub-operations (PS3.7 9.1.1): who asked, with which Message ID.
     move_originator_ae_title: str | None = None
     move_originator_message_id: int | None = None
+    # The peer's IP address (route rules on source networks).
+    calling_address: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +224,9 @@ class ScpSettings:
     shutdown_grace_s: float = 10.0
     receive_dir: Path | None = None
     receive_in_memory_bytes: int = 8 * 1024 * 1024
+    # DICOM TLS (PS3.15 B.9/B.10, ``dicom_tls.gateway_context``): the port then serves
+    # TLS only; None: plain DICOM.
+    ssl_context: ssl.SSLContext | None = None
 
     def __post_init__(self) -> None:
         if not MINIMUM_PDU_SIZE <= self.maximum_pdu_size <= MAXIMUM_PDU_SIZE:
@@ -520,6 +526,11 @@ class StorageSCP:
         """The acceptance policy new associations are negotiated with."""
         return self._gate.policy
 
+    @property
+    def gate(self) -> AssociationGate:
+        """The acceptance policy in force and its hooks (``gate.on_reject`` for audit)."""
+        return self._gate
+
     def replace_policy(self, policy: AcceptancePolicy) -> None:
         """Serve the AE titles of ``policy`` from the next association on."""
         self._gate.replace(policy)
@@ -560,6 +571,7 @@ class StorageSCP:
                 block=False,
                 evt_handlers=handlers,
                 ae_title=SERVER_AE_TITLE,
+                ssl_context=settings.ssl_context,
             )
         except OSError as exc:
             raise DicomServiceError(
@@ -567,9 +579,10 @@ class StorageSCP:
             ) from exc
         self._ae = ae
         LOGGER.info(
-            "DICOM SCP listening on %s:%d for %d AE titles",
+            "DICOM SCP listening on %s:%d (%s) for %d AE titles",
             settings.host,
             self.port,
+            "TLS only" if settings.ssl_context is not None else "plain",
             len(self.policy.called_ae_titles),
         )
         return self
@@ -726,6 +739,7 @@ class StorageSCP:
             move_originator_message_id=request.MoveOriginatorMessageID
             if retrieve_message_id is None
             else retrieve_message_id,
+            calling_address=str(event.assoc.requestor.address),
         )
         return self._hand_over(instance)
 

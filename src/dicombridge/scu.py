@@ -24,6 +24,10 @@ Where the peer gave no status, ``StoreOutcome.status`` carries a stand-in code a
 ``STATUS_NOT_ACCEPTED`` (0x0122, permanent), ``STATUS_REJECTED`` (0x0124, permanent) and
 ``STATUS_UNREADABLE_FILE`` (0xC000, permanent).
 
+A node with ``tls = true`` is reached over DICOM TLS (``dicom_tls``: BCP 195 profiles,
+its certificate and host name verified); unusable TLS files are a transient outcome
+naming them, so that delivery retries once the operator fixed them.
+
 Logs carry UIDs, statuses and sizes only: pynetdicom's identifier logging is switched off.
 """
 
@@ -55,6 +59,8 @@ from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.transport import AddressInformation, AssociationSocket
 
 from dicombridge.config import LocalNode
+from dicombridge.dicom_tls import node_tls_args
+from dicombridge.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -328,6 +334,7 @@ class StoreSCU:
         self._transfer_syntaxes: dict[UID, None] = {UID(ts): None for ts in transfer_syntaxes}
         self.associations_opened = 0
         self.instances_sent = 0
+        self._tls: tuple[SSLContext, str] | None = None
         _configure_pynetdicom()
 
     # --- public ---------------------------------------------------------------------
@@ -395,8 +402,16 @@ class StoreSCU:
         ae.acse_timeout = self._ae.acse_timeout
         ae.dimse_timeout = self._ae.dimse_timeout
         ae.network_timeout = self._ae.network_timeout
+        try:
+            tls_args = self._tls_args()
+        except ConfigError:
+            return None
         assoc = ae.associate(
-            self.node.host, self.node.port, ae_title=self.node.ae_title, max_pdu=self.max_pdu_bytes
+            self.node.host,
+            self.node.port,
+            ae_title=self.node.ae_title,
+            max_pdu=self.max_pdu_bytes,
+            tls_args=tls_args,
         )
         if not assoc.is_established:
             return None
@@ -505,6 +520,13 @@ class StoreSCU:
     def _associate(self, pair: Pair, uid: str) -> StoreOutcome | None:
         """Open an association proposing the needed pair first; None on success."""
         contexts, proposed = self._contexts(pair)
+        try:
+            tls_args = self._tls_args()
+        except ConfigError as exc:
+            log.warning("DICOM TLS toward local node unusable", extra={"node": self.node.name})
+            return StoreOutcome.local(
+                STATUS_NO_ASSOCIATION, OutcomeKind.TRANSIENT, str(exc), sop_instance_uid=uid
+            )
         started = time.monotonic()
         assoc = self._ae.associate(
             self.node.host,
@@ -512,6 +534,7 @@ class StoreSCU:
             contexts=contexts,
             ae_title=self.node.ae_title,
             max_pdu=self.max_pdu_bytes,
+            tls_args=tls_args,
         )
         if assoc.is_established:
             _bound_send_queue(assoc.dul)
@@ -586,6 +609,13 @@ class StoreSCU:
             "(connection refused, aborted or timed out)",
             sop_instance_uid=uid,
         )
+
+    def _tls_args(self) -> tuple[SSLContext, str] | None:
+        """``tls_args`` toward the node (None: plain DICOM); the context is built on first
+        use and kept. Raises ``ConfigError`` when its certificate or CA files are unusable."""
+        if self._tls is None and self.node.tls:
+            self._tls = node_tls_args(self.node)
+        return self._tls
 
     def _contexts(self, needed: Pair) -> tuple[list[PresentationContext], set[Pair]]:
         """One context per (SOP class, transfer syntax) seen, the needed pair first, most

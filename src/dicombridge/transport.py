@@ -62,6 +62,14 @@ holding up the deliveries behind it. Keep ``max_redeliveries`` below the queue's
 ``x-delivery-limit`` (topology ``PlaneLimits.delivery_limit``, 20 by default): past that
 the broker dead-letters by itself, uncounted here, e.g. a message that kills the process.
 
+TLS (amqps URLs). The broker's certificate must chain to ``BrokerTls.ca_file`` (default:
+the system CA store) and name the URL's host; TLS 1.2 at least; a client certificate if
+configured, and RabbitMQ's x509 login (EXTERNAL mechanism, ``auth=external`` in the URL
+as aiormq reads it) if asked. A TLS failure while connecting (certificate not verified,
+handshake refused) is ``BrokerTlsError``: permanent, logged at ERROR with the node, the
+CA and OpenSSL's reason, and raised at once instead of being retried
+(https://www.rabbitmq.com/docs/ssl).
+
 aio-pika and aiormq exceptions are translated into ``TransportError`` here and only here.
 """
 
@@ -71,13 +79,14 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 import traceback
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final, Literal, Self
+from typing import TYPE_CHECKING, Any, Final, Literal, Self, TypeVar
 
 import aio_pika
 import aiormq
@@ -93,6 +102,7 @@ from dicombridge.directory import Directory
 from dicombridge.envelope import sealed_fragment_bytes
 from dicombridge.errors import (
     BridgeError,
+    BrokerTlsError,
     BrokerUnreachableError,
     PermissionDeniedError,
     PublishRefusedError,
@@ -101,6 +111,9 @@ from dicombridge.errors import (
 )
 from dicombridge.fragments import SealedTransfer
 from dicombridge.topology import exchange_name, queue_name, routing_key
+
+if TYPE_CHECKING:
+    from dicombridge.config import BrokerSection
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +307,89 @@ def check_sender(
     return site_id
 
 
+# --- TLS to the broker (amqps) ---------------------------------------------------------
+
+_E = TypeVar("_E", bound=BaseException)
+
+
+@dataclass(frozen=True)
+class BrokerTls:
+    """How to speak TLS to the broker on ``amqps`` URLs (``[broker]`` ca/cert/key files)."""
+
+    ca_file: Path | None = None  # PEM; None: the system's CA store
+    cert_file: Path | None = None  # client certificate (PEM), may hold the key too
+    key_file: Path | None = None
+    external_auth: bool = False  # log in with the client certificate (EXTERNAL)
+
+    @classmethod
+    def of(cls, broker: BrokerSection) -> BrokerTls:
+        """The TLS settings of a site's ``[broker]`` section."""
+        return cls(
+            ca_file=broker.ca_file,
+            cert_file=broker.cert_file,
+            key_file=broker.key_file,
+            external_auth=broker.auth == "external",
+        )
+
+    @property
+    def ca_name(self) -> str:
+        """The CA the broker's certificate must chain to, for messages."""
+        return f"the CA in {self.ca_file}" if self.ca_file else "a CA of the system store"
+
+    def context(self) -> ssl.SSLContext:
+        """A client context: TLS >= 1.2, the peer verified, its name checked.
+
+        Raises ``BrokerTlsError`` naming the file when a CA or certificate cannot be loaded.
+        """
+        try:
+            # With a cafile, only that CA is trusted (the system store is not loaded).
+            context = ssl.create_default_context(
+                ssl.Purpose.SERVER_AUTH,
+                cafile=str(self.ca_file) if self.ca_file else None,
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise BrokerTlsError(
+                f"cannot load the broker CA from {self.ca_file}: {type(exc).__name__}; "
+                "check [broker] ca_file (a PEM file of the CA that signed the broker's "
+                "certificate)"
+            ) from exc
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.check_hostname = True
+        if self.cert_file is not None:
+            try:
+                context.load_cert_chain(
+                    str(self.cert_file), str(self.key_file) if self.key_file else None
+                )
+            except (OSError, ssl.SSLError) as exc:
+                raise BrokerTlsError(
+                    f"cannot load the client certificate {self.cert_file} "
+                    f"(key {self.key_file or 'in the same file'}): {type(exc).__name__}; "
+                    "check [broker] cert_file and key_file (PEM, the key unencrypted)"
+                ) from exc
+        return context
+
+
+def _in_chain(exc: BaseException, kind: type[_E]) -> _E | None:
+    """The first ``kind`` among ``exc`` and its causes (aiormq wraps what failed)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _tls_reason(error: ssl.SSLError) -> str:
+    """OpenSSL's reason, e.g. ``certificate verify failed: unable to get local issuer``."""
+    if isinstance(error, ssl.SSLCertVerificationError) and error.verify_message:
+        return f"certificate verify failed: {error.verify_message}"
+    # OpenSSL's reason code, e.g. TLSV13_ALERT_CERTIFICATE_REQUIRED, as words.
+    return str(error.reason).lower().replace("_", " ") if error.reason else type(error).__name__
+
+
 # --- connections: one per plane, over every node of the broker -------------------------
 
 
@@ -310,11 +406,21 @@ class _Link:
     connection was lost, and raises ``BrokerUnreachableError`` if none answers.
     """
 
-    def __init__(self, urls: Sequence[URL], *, name: str, timeout_s: float) -> None:
+    def __init__(
+        self,
+        urls: Sequence[URL],
+        *,
+        name: str,
+        timeout_s: float,
+        tls: BrokerTls | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.urls = tuple(urls)
         self.name = name
         self.node = ""  # host:port of the current connection, for logs
         self._timeout_s = timeout_s
+        self._tls = tls or BrokerTls()
+        self._ssl_context = ssl_context
         self._next = 0
         self._connection: AbstractConnection | None = None
         self._lock = asyncio.Lock()
@@ -343,16 +449,25 @@ class _Link:
 
     async def _connect_round(self) -> AbstractConnection:
         error: BaseException | None = None
+        reset_on_tls = False
         for _ in self.urls:
             index = self._next
             self._next = (index + 1) % len(self.urls)
             url = self.urls[index]
-            connection = aio_pika.Connection(url, client_properties={"connection_name": self.name})
+            connection = aio_pika.Connection(
+                url,
+                ssl_context=self._ssl_context if url.scheme == "amqps" else None,
+                client_properties={"connection_name": self.name},
+            )
             try:
                 await connection.connect(timeout=self._timeout_s)
             except Exception as exc:
                 error = exc
                 await _close_quietly(connection)
+                if url.scheme == "amqps":
+                    if (failure := _in_chain(exc, ssl.SSLError)) is not None:
+                        raise self._tls_error(url, failure) from exc
+                    reset_on_tls |= _in_chain(exc, ConnectionResetError) is not None
                 log.info(
                     "broker node not reachable",
                     extra={
@@ -372,10 +487,38 @@ class _Link:
             connection.close_callbacks.add(self._on_lost)
             log.info("broker connected", extra={"connection": self.name, "node": self.node})
             return connection
+        # TLS 1.3: a broker refusing the client certificate (or its absence) sends its
+        # alert after the client's handshake is done; the client may see only a reset.
+        hint = (
+            "; over amqps a reset can also mean the broker refused the client certificate "
+            "or wants one: check [broker] cert_file and key_file"
+            if reset_on_tls
+            else ""
+        )
         raise BrokerUnreachableError(
             f"{self.name}: no broker node answered ({type(error).__name__}); "
-            "check [broker] url, password and network"
+            f"check [broker] url, password and network{hint}"
         ) from error
+
+    def _tls_error(self, url: URL, failure: ssl.SSLError) -> BrokerTlsError:
+        """Log and build the permanent error for a TLS failure with ``url``'s node."""
+        reason = _tls_reason(failure)
+        log.error(
+            "TLS to the broker failed; not retrying",
+            extra={
+                "connection": self.name,
+                "node": _node(url),
+                "ca": str(self._tls.ca_file or "system store"),
+                "error": type(failure).__name__,
+                "detail": reason,
+            },
+        )
+        return BrokerTlsError(
+            f"{self.name}: TLS to the broker {_node(url)} failed ({reason}): its certificate "
+            f"must be signed by {self._tls.ca_name} and name the host {url.host}, and it "
+            "must accept the client certificate if it asks for one; check [broker] url, "
+            "ca_file, cert_file and key_file"
+        )
 
     def _on_lost(self, _connection: object, exc: BaseException | None = None) -> None:
         log.warning(
@@ -406,6 +549,13 @@ def _with_heartbeat(url: str, heartbeat_s: int | None) -> URL:
     if heartbeat_s is None or "heartbeat" in parsed.query:
         return parsed
     return parsed.update_query(heartbeat=str(heartbeat_s))
+
+
+def _with_auth(url: URL, tls: BrokerTls) -> URL:
+    """Ask aiormq for the EXTERNAL mechanism (x509 login) if configured."""
+    if not tls.external_auth or url.scheme != "amqps":
+        return url
+    return url.update_query(auth="external")
 
 
 def _first_transport_error(group: BaseExceptionGroup[BaseException]) -> TransportError | None:
@@ -450,6 +600,7 @@ class Transport:
         heartbeat_s: int | None = None,
         max_redeliveries: int = 16,
         requeue_delay_s: float = 0.1,
+        tls: BrokerTls | None = None,
     ) -> None:
         urls = [amqp_url] if isinstance(amqp_url, str) else list(amqp_url)
         if not urls:
@@ -465,9 +616,18 @@ class Transport:
         self._budget = ByteBudget(
             max_bytes=max_in_flight_bytes, max_messages=max_in_flight_messages
         )
-        parsed = [_with_heartbeat(url, heartbeat_s) for url in urls]
+        tls = tls or BrokerTls()
+        parsed = [_with_auth(_with_heartbeat(url, heartbeat_s), tls) for url in urls]
+        # One context for every connection; built here so a bad CA file fails at once.
+        context = tls.context() if any(u.scheme == "amqps" for u in parsed) else None
         self._links = {
-            plane: _Link(parsed, name=f"dicombridge {site_id} {plane}", timeout_s=connect_timeout_s)
+            plane: _Link(
+                parsed,
+                name=f"dicombridge {site_id} {plane}",
+                timeout_s=connect_timeout_s,
+                tls=tls,
+                ssl_context=context,
+            )
             for plane in PLANES
         }
         self._tallies = {plane: _Tally() for plane in PLANES}
@@ -498,6 +658,8 @@ class Transport:
                 await self._links[plane].connection()
             except TransportError as exc:
                 await self._close()
+                if not exc.transient:
+                    raise  # e.g. BrokerTlsError: waiting will not fix it
                 raise BrokerUnreachableError(
                     f"cannot connect to the broker for the {plane} plane: {exc}"
                 ) from exc
@@ -682,7 +844,7 @@ class Transport:
                 if isinstance(exc, PermissionDeniedError) and tally.sessions == 0:
                     raise
                 log.log(
-                    logging.ERROR if isinstance(exc, PermissionDeniedError) else logging.WARNING,
+                    logging.WARNING if exc.transient else logging.ERROR,
                     "consumer waiting for the broker",
                     extra={
                         "queue": name,

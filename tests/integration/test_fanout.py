@@ -6,9 +6,10 @@ association. Real RabbitMQ, DCMTK's storescu as the modality, Orthanc at B and a
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,8 @@ def sites(
     1. RESEARCH -> B and C, when Modality is CT
     2. RESEARCH -> C, when Modality is MR and the caller matches MOD*
     3. RESTRICTED -> B, only for callers matching CT0?
+    4. LAN_ONLY -> B, only for callers in 10.99.0.0/16
+    5. LOOPBACK -> B, only for callers on loopback
     """
     suffix = secrets.token_hex(3)
     ids = (f"a-{suffix}", f"b-{suffix}", f"c-{suffix}")
@@ -89,6 +92,10 @@ def sites(
             f'\n[[routes]]\nae_title = "RESEARCH"\nsite = "{c}"\n'
             'calling_ae_titles = ["MOD*"]\nmatch = {Modality = "MR"}\n'
             f'\n[[routes]]\nae_title = "RESTRICTED"\nsite = "{b}"\ncalling_ae_titles = ["CT0?"]\n'
+            f'\n[[routes]]\nae_title = "LAN_ONLY"\nsite = "{b}"\n'
+            'source_networks = ["10.99.0.0/16"]\n'
+            f'\n[[routes]]\nae_title = "LOOPBACK"\nsite = "{b}"\n'
+            'source_networks = ["127.0.0.0/8", "::1/128"]\n'
         ),
     )
     for site, (title, pacs) in zip(
@@ -141,8 +148,10 @@ async def test_one_study_fans_out_to_two_sites_and_rules_pick_the_sites(
     """A 20-instance CT series sent once to RESEARCH is stored complete in B's and in
     C's PACS (and A's outbox empties: each site's stored receipt came back); an MR
     instance goes to C only; an ultrasound instance no route selects is answered 0x0110
-    and relayed nowhere; a caller RESTRICTED does not admit is rejected at association
-    with "Calling AE Title Not Recognized"."""
+    and relayed nowhere; a caller RESTRICTED does not admit, or one outside LAN_ONLY's
+    network, is rejected at association with "Calling AE Title Not Recognized" (and
+    audited with its address), while LOOPBACK admits a caller on loopback (a deep echo
+    through B succeeds)."""
     orthanc_b, orthanc_c = orthancs
     series = ct_series(tmp_path / "ct", 20, rows=128, columns=128)
     mr = fresh_copy("MR_small.dcm", tmp_path)
@@ -162,6 +171,19 @@ async def test_one_study_fans_out_to_two_sites_and_rules_pick_the_sites(
         rejected = await storescu(sites.port_a, "RESTRICTED", [mr], calling="WORKSTATION")
         assert rejected.returncode != 0
         assert "Calling AE Title Not Recognized" in rejected.stdout + rejected.stderr
+        elsewhere = await storescu(sites.port_a, "LAN_ONLY", [mr])
+        assert elsewhere.returncode != 0
+        assert "Calling AE Title Not Recognized" in elsewhere.stdout + elsewhere.stderr
+        echoed = await asyncio.to_thread(
+            subprocess.run,
+            [str(DCMTK_BIN / "echoscu"), "-aec", "LOOPBACK", "127.0.0.1", str(sites.port_a)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=dcmtk_env(),
+            check=False,
+        )
+        assert echoed.returncode == 0, echoed.stdout + echoed.stderr  # deep echo through B
 
         ct_uids = {sop_instance_uid(p) for p in series}
 
@@ -173,6 +195,24 @@ async def test_one_study_fans_out_to_two_sites_and_rules_pick_the_sites(
             )
 
         await wait_until(delivered, timeout_s=120, interval_s=0.2, what="the study at B and C")
+
+        async def rejections_audited() -> list[dict[str, str]]:
+            path = gateway_a.audit.path
+            lines = path.read_text().splitlines() if path.exists() else []
+            records = [json.loads(line) for line in lines]
+            return [r for r in records if r["event"] == "association-rejected"]
+
+        await wait_until(
+            lambda: _at_least(rejections_audited, 2), timeout_s=30, what="rejections audited"
+        )
+        audited = {
+            (r["called_ae_title"], r["calling_ae_title"], r["source_address"], r["outcome"])
+            for r in await rejections_audited()
+        }
+        assert audited == {
+            ("RESTRICTED", "WORKSTATION", "127.0.0.1", "failure"),
+            ("LAN_ONLY", "MODALITY", "127.0.0.1", "failure"),
+        }
         assert gateway_b.deliverer.stored == len(ct_uids)
         assert gateway_c.deliverer.stored == len(ct_uids) + 1
     with orthanc_b.client() as client:
@@ -202,3 +242,7 @@ async def test_a_fan_out_the_outbox_cannot_take_whole_is_withdrawn(
         assert any("status 0xA700" in answer for answer in answers), answers
         assert _outbox_empty(gateway_a)
         assert gateway_a.outbox.count == 0
+
+
+async def _at_least(records: Callable[[], Awaitable[list[dict[str, str]]]], count: int) -> bool:
+    return len(await records()) >= count

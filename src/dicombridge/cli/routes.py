@@ -58,12 +58,15 @@ def _route_row(position: int, route: RouteEntry) -> dict[str, object]:
         "sites": list(route.destinations),
         "node": route.node,
         "calling_ae_titles": list(route.calling_ae_titles),
+        "source_networks": [str(n) for n in route.source_networks],
         "match": dict(route.match),
     }
 
 
 def _route_cells(row: dict[str, object], route: RouteEntry) -> dict[str, object]:
     conditions = [f"calling={'|'.join(route.calling_ae_titles)}"] if route.calling_ae_titles else []
+    if route.source_networks:
+        conditions.append(f"from={'|'.join(str(n) for n in route.source_networks)}")
     conditions += [f"{k}={_patterns(v)}" for k, v in route.match.items()]
     return {
         "#": row["position"],
@@ -114,6 +117,10 @@ def routes_add(
         list[str] | None,
         typer.Option(help="Take only calls from this AE title (* and ? wildcards); repeatable."),
     ] = None,
+    source_network: Annotated[
+        list[str] | None,
+        typer.Option(help="Take only calls from this network (10.1.0.0/16); repeatable."),
+    ] = None,
     match: Annotated[
         list[str] | None,
         typer.Option(help="KEYWORD=PATTERN[,PATTERN]: a data set condition; repeatable."),
@@ -134,6 +141,7 @@ def routes_add(
         sites=site,
         node=node,
         calling_ae_titles=calling or [],
+        source_networks=source_network or [],
         match=_parse_match(config, match or []),
         before=before,
     )
@@ -198,6 +206,10 @@ def routes_check(
         str | None,
         typer.Option(help="The caller's AE title (default: calling AE conditions not applied)."),
     ] = None,
+    source_address: Annotated[
+        str | None,
+        typer.Option(help="The caller's IP address (default: source networks not applied)."),
+    ] = None,
     explain: Annotated[
         bool, typer.Option("--explain", help="Show each route looked at and each condition.")
     ] = False,
@@ -233,7 +245,7 @@ def routes_check(
                 "give a DICOM Part 10 file (with its 128-byte preamble and DICM)",
             ) from exc
         for title in titles:
-            selection = rules.select(title, calling_ae, attributes)
+            selection = rules.select(title, calling_ae, attributes, source_address)
             results.append(
                 {
                     "file": str(path),
