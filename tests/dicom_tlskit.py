@@ -4,18 +4,10 @@ TOML that turns TLS on for a gateway's SCP or a local node."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-# RSA: the BCP 195 TLS 1.2 suites (and DCMTK's profiles) are ECDHE_RSA / DHE_RSA.
-_KEY_BITS = 2048
+from tests.tlskit import Issued, TestCa
 
 
 @dataclass(frozen=True)
@@ -37,107 +29,22 @@ class Pki:
     rogue: KeyPair
 
 
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _write_key(key: rsa.RSAPrivateKey, path: Path) -> None:
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    path.chmod(0o600)
-
-
-def _ca(directory: Path, name: str) -> tuple[x509.Certificate, rsa.RSAPrivateKey, Path]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=_KEY_BITS)
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(name))
-        .issuer_name(_name(name))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    path = directory / f"{name}.crt"
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return cert, key, path
-
-
-def _issue(
-    directory: Path,
-    name: str,
-    ca: tuple[x509.Certificate, rsa.RSAPrivateKey],
-    *,
-    server: bool,
-) -> KeyPair:
-    ca_cert, ca_key = ca
-    key = rsa.generate_private_key(public_exponent=65537, key_size=_KEY_BITS)
-    now = datetime.datetime.now(datetime.UTC)
-    usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(name))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-    )
-    if server:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-    cert = builder.sign(ca_key, hashes.SHA256())
-    pair = KeyPair(directory / f"{name}.crt", directory / f"{name}.key")
-    pair.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    _write_key(key, pair.key)
-    return pair
-
-
 def make_pki(directory: Path) -> Pki:
     """Write a fresh CA with a server and a client certificate, and a rogue client
-    certificate from a CA nobody trusts, under ``directory``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    ca_cert, ca_key, ca_path = _ca(directory, "hospital-ca")
-    rogue_cert, rogue_key, _ = _ca(directory, "rogue-ca")
+    certificate from a CA nobody trusts, under ``directory`` (RSA keys: the BCP 195 TLS
+    1.2 suites, and DCMTK's profiles, are ECDHE_RSA / DHE_RSA)."""
+    ca = TestCa.create(directory, "hospital-ca", key_type="rsa")
+    rogue = TestCa.create(directory, "rogue-ca", key_type="rsa")
     return Pki(
-        ca=ca_path,
-        server=_issue(directory, "dicom-server", (ca_cert, ca_key), server=True),
-        client=_issue(directory, "dicom-client", (ca_cert, ca_key), server=False),
-        rogue=_issue(directory, "rogue-client", (rogue_cert, rogue_key), server=False),
+        ca=ca.ca_file,
+        server=_pair(ca.server("dicom-server")),
+        client=_pair(ca.client("dicom-client", "dicom-client")),
+        rogue=_pair(rogue.client("rogue-client", "rogue-client")),
     )
+
+
+def _pair(issued: Issued) -> KeyPair:
+    return KeyPair(issued.cert_file, issued.key_file)
 
 
 def dcmtk_tls_args(pair: KeyPair, ca: Path, *profile: str) -> list[str]:

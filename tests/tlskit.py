@@ -11,10 +11,18 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 VALIDITY = datetime.timedelta(days=2)
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+
+def _new_key(like: str) -> PrivateKey:
+    """EC P-256, or RSA 2048 where a TLS 1.2 profile needs RSA (BCP 195's ECDHE_RSA)."""
+    if like == "rsa":
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return ec.generate_private_key(ec.SECP256R1())
 
 
 @dataclass(frozen=True)
@@ -31,7 +39,7 @@ class TestCa:
 
     root: Path
     name: str
-    key: ec.EllipticCurvePrivateKey
+    key: PrivateKey
     cert: x509.Certificate
 
     __test__ = False  # not a pytest class despite the name
@@ -41,10 +49,11 @@ class TestCa:
         return self.root / f"{self.name}.pem"
 
     @classmethod
-    def create(cls, root: Path, name: str = "test-ca") -> TestCa:
-        """A fresh CA (EC P-256), its certificate written to ``root/<name>.pem``."""
+    def create(cls, root: Path, name: str = "test-ca", *, key_type: str = "ec") -> TestCa:
+        """A fresh CA (``key_type`` "ec": P-256, or "rsa": 2048 bits; what it issues gets
+        the same kind of key), its certificate written to ``root/<name>.pem``."""
         root.mkdir(parents=True, exist_ok=True)
-        key = ec.generate_private_key(ec.SECP256R1())
+        key = _new_key(key_type)
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"dicombridge {name}")])
         now = datetime.datetime.now(datetime.UTC)
         cert = (
@@ -102,7 +111,7 @@ class TestCa:
         names: list[x509.GeneralName],
         usage: x509.ObjectIdentifier,
     ) -> Issued:
-        key = ec.generate_private_key(ec.SECP256R1())
+        key = _new_key("rsa" if isinstance(self.key, rsa.RSAPrivateKey) else "ec")
         now = datetime.datetime.now(datetime.UTC)
         builder = (
             x509.CertificateBuilder()
