@@ -447,6 +447,10 @@ class QuerySection(_Section):
     # C-ECHO to a route's AE title succeeds only if the remote gateway and its node
     # answer (false: the gateway answers C-ECHO itself).
     deep_echo: bool = True
+    # Control messages (queries, responses, receipts) older than this, or seen before,
+    # are not acted on; clocks may differ by clock_skew_s (keep them on NTP).
+    control_max_age_s: float = Field(default=3600.0, ge=60, le=7 * 86400)
+    clock_skew_s: float = Field(default=300.0, ge=0, le=3600)
 
 
 def _patient_key_required() -> dict[QueryLevel, list[str]]:
@@ -831,6 +835,10 @@ timeout_s = 30
 retrieve_timeout_s = 600
 # C-ECHO to a route's AE title succeeds only if the remote gateway and its PACS answer.
 deep_echo = true
+# Control messages (queries, responses, receipts) older than this, from further than
+# clock_skew_s in the future, or seen before are not acted on. Keep clocks on NTP.
+control_max_age_s = 3600
+clock_skew_s = 300
 
 # HTTP endpoints for monitoring: /metrics (Prometheus), /healthz, /readyz (broker
 # connected, local nodes answer C-ECHO, directory valid) and /status (read by

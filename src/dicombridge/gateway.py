@@ -52,6 +52,7 @@ from dicombridge.control import (
     QUERY_RESPONSE,
     RECEIPT,
     Cancel,
+    ControlMessage,
     Query,
     QueryResponse,
     Receipt,
@@ -78,6 +79,7 @@ from dicombridge.qr_scp import from_explicit_little
 from dicombridge.quarantine import Quarantine
 from dicombridge.query_policy import STATUS_NOT_AUTHORISED, RemoteAccessPolicy
 from dicombridge.receipts import UnsentReceipts
+from dicombridge.replay import ReplayGuard
 from dicombridge.requester import Requester
 from dicombridge.responder import Responder
 from dicombridge.retention import run_retention
@@ -142,6 +144,11 @@ class Gateway:
         # only: a figure for byte identity, compared with the receiver's stored_sha256).
         self.received_sha256: dict[str, str] = {}
         self.resends = 0
+        # Control messages too old, from the future or seen before: not acted on.
+        self.replay = ReplayGuard(
+            max_age_s=config.query.control_max_age_s, clock_skew_s=config.query.clock_skew_s
+        )
+        self.control_refused = 0
         self.requester = Requester(
             routes=config.routes,
             publish=self._publish_request,
@@ -663,6 +670,24 @@ class Gateway:
         )
         sender = message.sender_site
         self.metrics.contact(sender)
+        refusal = self.replay.refusal(message.message_id, _created_at(message.document))
+        if refusal is not None:
+            self.control_refused += 1
+            log.warning(
+                "control message not acted on",
+                extra={
+                    "message_id": message.message_id,
+                    "from_site": sender,
+                    "type": message.type,
+                    "reason": refusal,
+                },
+            )
+            return
+        await self._act_on_control(message)
+        self.replay.acted_on(message.message_id)
+
+    async def _act_on_control(self, message: ControlMessage) -> None:
+        sender = message.sender_site
         if message.type == QUERY_RESPONSE:
             response = QueryResponse.from_document(message.document)
             if response.final:

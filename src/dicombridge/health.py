@@ -424,6 +424,7 @@ class Monitor:
             fragments_received=gateway.receiver.fragments_received,
             table_reloads=gateway.table_reloads,
             table_reloads_refused=gateway.table_reloads_refused,
+            control_refused=gateway.control_refused,
             broker_connected=self.broker_connected(),
             directory_version=gateway.site.directory.version,
             outbox_max_bytes=gateway.outbox.max_bytes,

@@ -322,6 +322,7 @@ class Figures:
     fragments_received: int = 0
     table_reloads: int = 0
     table_reloads_refused: int = 0
+    control_refused: int = 0
     broker_connected: bool = False
     directory_version: int = 0
     outbox_max_bytes: int = 0
@@ -407,6 +408,11 @@ def _counters(figures: Figures) -> Iterable[Metric]:
         "dicombridge_table_reloads_refused",
         "Edits of the routing table refused (the table in force stayed).",
         figures.table_reloads_refused,
+    )
+    yield _counter(
+        "dicombridge_control_refused",
+        "Control messages not acted on: too old, from the future, or seen before.",
+        figures.control_refused,
     )
     dead = CounterMetricFamily(
         "dicombridge_broker_dead_lettered",
