@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from dicombridge.cli.status import status_url
 from dicombridge.gateway import Gateway
 from dicombridge.identity import LocalSite, init_site
 from dicombridge.orthanc import free_port
+from tests.brokerkit import wait_until
 from tests.cryptokit import Federation, make_federation
 
 CLI = [sys.executable, "-m", "dicombridge", "status"]
@@ -66,11 +66,12 @@ async def running(config: Path, fed: Federation) -> AsyncIterator[Gateway]:
     gateway = Gateway(LocalSite(site_config.load(config), fed.keys["hosp-a"], fed.directory))
     task = asyncio.create_task(gateway.run())
     try:
-        deadline = time.monotonic() + 30
-        while gateway.monitor.port is None:
+
+        async def serving() -> bool:
             assert not task.done(), task
-            assert time.monotonic() < deadline, "monitoring not served within 30 s"
-            await asyncio.sleep(0.05)
+            return gateway.monitor.port is not None
+
+        await wait_until(serving, timeout_s=30, what="monitoring served")
         yield gateway
     finally:
         task.cancel()

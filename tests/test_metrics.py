@@ -40,6 +40,7 @@ from dicombridge.orthanc import free_port
 from dicombridge.outbox import Outbox
 from dicombridge.spool import IncomingTransfer, Receiver, ReceiverIdentity
 from dicombridge.transport import Delivery
+from tests.brokerkit import wait_until
 from tests.cryptokit import Federation, make_federation, messages
 
 # --- helpers ------------------------------------------------------------------------------
@@ -519,11 +520,12 @@ async def test_gateway_serves_its_endpoints_while_running_its_monitor(
     gateway.metrics.contact("hosp-b")
     running = asyncio.create_task(gateway.monitor.run())
     try:
-        deadline = time.monotonic() + 10
-        while gateway.monitor.port is None or "PACS" not in gateway.monitor.node_checks:
-            assert time.monotonic() < deadline, "monitor not serving and checking in 10 s"
+
+        async def serving_and_checked() -> bool:
             assert not running.done(), running
-            await asyncio.sleep(0.05)
+            return gateway.monitor.port is not None and "PACS" in gateway.monitor.node_checks
+
+        await wait_until(serving_and_checked, timeout_s=10, what="monitor serving and checking")
         url = f"http://127.0.0.1:{gateway.monitor.port}"
         async with httpx.AsyncClient(base_url=url, trust_env=False) as client:
             health = await client.get("/healthz")
